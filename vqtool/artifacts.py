@@ -1,0 +1,301 @@
+"""Safetensors artifacts with provenance metadata, validated loading, and atomic writes.
+
+Every file a stage writes goes through here. The `__metadata__` block of a safetensors file holds only
+strings, so the structured fields are stored as JSON strings:
+
+    kind            what the file is (see KINDS)
+    format_version  integer; a reader refuses files newer than it knows
+    config          JSON of the settings that made it
+    parents         JSON {role: sha256} of the artifacts it was made from
+    extra           JSON of anything else a stage wants to keep (statistics, class names, ...)
+    vqtool_version  the package version that wrote it
+    command         the command line that made it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from vqtool import __version__
+from vqtool.errors import VqtoolError
+
+FORMAT_VERSION = 1
+
+KINDS = (
+    "dataset-manifest",
+    "vq-model",
+    "vq-checkpoint",
+    "latents",
+    "prior-model",
+    "prior-checkpoint",
+    "samples",
+    "features",
+    "eval-report",
+)
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own ceiling
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
+
+    If the body raises, the temporary file is removed and any old `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform allows opening a folder.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hashing
+
+
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, cached per (path, size, mtime) within the process."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise VqtoolError(f"{path}: file not found") from None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _hash_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _hash_cache[key] = h.hexdigest()
+    return _hash_cache[key]
+
+
+def command_line() -> str:
+    argv = list(sys.argv)
+    if argv:
+        argv[0] = Path(argv[0]).name
+    return shlex.join(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and writing
+
+
+@dataclass
+class Artifact:
+    """An artifact read from disk: its tensors and its parsed metadata."""
+
+    path: Path
+    kind: str
+    format_version: int
+    config: dict[str, Any]
+    parents: dict[str, str]
+    extra: dict[str, Any]
+    vqtool_version: str
+    command: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+
+def save_artifact(
+    path: str | os.PathLike,
+    kind: str,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any] | None = None,
+    parents: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write a safetensors artifact atomically and return its sha256."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    from safetensors.torch import save
+
+    metadata = {
+        "kind": kind,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(config or {}, sort_keys=True),
+        "parents": json.dumps(parents or {}, sort_keys=True),
+        "extra": json.dumps(extra or {}, sort_keys=True),
+        "vqtool_version": __version__,
+        "command": command_line(),
+    }
+    # safetensors refuses views and shared storage, so every tensor gets its own contiguous copy.
+    prepared = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    data = save(prepared, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return file_sha256(path)
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse and check a safetensors header without trusting it; return (header, file size)."""
+    if not path.exists():
+        raise VqtoolError(f"{path}: file not found")
+    if path.is_dir():
+        raise VqtoolError(f"{path}: is a folder, expected a .safetensors file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise VqtoolError(f"{path}: not a safetensors file (only {size} bytes; truncated or empty)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise VqtoolError(f"{path}: not a safetensors file, or truncated (header claims {n} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise VqtoolError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise VqtoolError(f"{path}: corrupt safetensors header")
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise VqtoolError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        if end > data_len:
+            raise VqtoolError(
+                f"{path}: truncated: tensor {name!r} ends at byte {end} but the file holds {data_len}"
+            )
+    return header, size
+
+
+def _parse_metadata(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    meta = header.get("__metadata__") or {}
+    if "kind" not in meta:
+        raise VqtoolError(f"{path}: a safetensors file without vqtool metadata (no 'kind')")
+    try:
+        version = int(meta.get("format_version", "0"))
+        parsed = {
+            "kind": meta["kind"],
+            "format_version": version,
+            "config": json.loads(meta.get("config", "{}")),
+            "parents": json.loads(meta.get("parents", "{}")),
+            "extra": json.loads(meta.get("extra", "{}")),
+            "vqtool_version": meta.get("vqtool_version", "?"),
+            "command": meta.get("command", ""),
+        }
+    except (ValueError, json.JSONDecodeError):
+        raise VqtoolError(f"{path}: corrupt vqtool metadata") from None
+    return parsed
+
+
+def _check_kind(path: Path, meta: dict[str, Any], kind: str | tuple[str, ...] | None) -> None:
+    if kind is not None:
+        wanted = (kind,) if isinstance(kind, str) else tuple(kind)
+        if meta["kind"] not in wanted:
+            raise VqtoolError(
+                f"{path}: is a {meta['kind']!r} artifact, expected {' or '.join(repr(w) for w in wanted)}"
+            )
+    if meta["format_version"] > FORMAT_VERSION:
+        raise VqtoolError(
+            f"{path}: format version {meta['format_version']} is newer than this vqtool reads "
+            f"({FORMAT_VERSION}); upgrade vqtool"
+        )
+
+
+def read_metadata(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None) -> Artifact:
+    """The artifact's metadata and tensor list (shapes in `extra['_tensors']`), without loading data."""
+    path = Path(path)
+    header, _ = _read_header(path)
+    meta = _parse_metadata(path, header)
+    _check_kind(path, meta, kind)
+    art = Artifact(path=path, **meta)
+    art.extra = dict(art.extra)
+    art.extra["_tensors"] = {
+        k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in header.items() if k != "__metadata__"
+    }
+    return art
+
+
+def load_artifact(
+    path: str | os.PathLike,
+    kind: str | tuple[str, ...] | None = None,
+    device: str | torch.device = "cpu",
+) -> Artifact:
+    """Load an artifact, checking kind and format version; every failure is one VqtoolError line."""
+    path = Path(path)
+    header, _ = _read_header(path)
+    meta = _parse_metadata(path, header)
+    _check_kind(path, meta, kind)
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types; the user gets one line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VqtoolError(f"{path}: corrupt safetensors file ({first})") from None
+    return Artifact(path=path, tensors=tensors, **meta)
+
+
+def require_parent(child: Artifact, role: str, parent_path: str | os.PathLike) -> None:
+    """Refuse to combine `child` with a `role` artifact other than the one it was made from."""
+    expected = child.parents.get(role)
+    if expected is None:
+        return
+    actual = file_sha256(parent_path)
+    if actual != expected:
+        raise VqtoolError(
+            f"{child.path} was made from a different {role} (sha256 {expected[:12]}…) than "
+            f"{parent_path} ({actual[:12]}…); rerun the stage that made {Path(child.path).name}"
+        )

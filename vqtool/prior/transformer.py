@@ -1,0 +1,209 @@
+"""One transformer for both priors: bidirectional (absorbing diffusion) or causal (autoregressive).
+
+The input vocabulary is the codebook plus one extra id, `vocab_size`: the [MASK] token for the
+absorbing prior. The output head covers the codebook only, so MASK is never predicted. An optional
+prefix position carries a class embedding (class-conditional) or, for the causal model, the learned
+start token that the first image token is predicted from.
+
+`trunk` returns final-normed hidden states and `head` turns them into logits, so a caller can compute
+logits only at the positions it needs (the masked ones while training, the newly revealed ones while
+sampling). `KVCache` lets the causal model add one position at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 1024  # codebook size; input id `vocab_size` is MASK
+    grid: tuple[int, int] = (16, 16)  # token grid (H, W) the model is trained on
+    n_layer: int = 8
+    n_head: int = 8
+    n_embd: int = 256
+    dropout: float = 0.0
+    causal: bool = False
+    n_classes: int = 0  # > 0: class-conditional through a prefix token
+    pos_emb: str = "2d"  # "2d" (row + column embeddings) or "flat"
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def has_prefix(self) -> bool:
+        return self.causal or self.n_classes > 0
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in matmuls per token (for FLOP accounting)."""
+        d = self.n_embd
+        return self.n_layer * 12 * d * d + d * self.vocab_size
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, for one-position-at-a-time decoding."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.length = 0
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+        self.causal = cfg.causal
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        causal = self.causal
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start:start + L] = k
+            cache.v[layer][:, :, start:start + L] = v
+            k = cache.k[layer][:, :, :start + L]
+            v = cache.v[layer][:, :, :start + L]
+            # A single new position may attend to every cached one; a first chunk needs the mask.
+            causal = causal and start == 0 and L > 1
+            if self.causal and start > 0 and L > 1:
+                raise ValueError("with a filled cache, feed one position at a time")
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(B, L, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.n_embd
+        self.tok_emb = nn.Embedding(cfg.vocab_size + 1, d)
+        if cfg.pos_emb == "2d":
+            self.row_emb = nn.Parameter(torch.zeros(cfg.grid[0], d))
+            self.col_emb = nn.Parameter(torch.zeros(cfg.grid[1], d))
+        elif cfg.pos_emb == "flat":
+            self.pos = nn.Parameter(torch.zeros(cfg.n_tokens, d))
+        else:
+            raise ValueError(f"pos_emb must be '2d' or 'flat', not {cfg.pos_emb!r}")
+        if cfg.has_prefix:
+            # Row 0 is the unconditional start token, rows 1.. are classes.
+            self.prefix_emb = nn.Embedding(1 + cfg.n_classes, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        for p in (getattr(self, "row_emb", None), getattr(self, "col_emb", None), getattr(self, "pos", None)):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def position_table(self) -> torch.Tensor:
+        """(n_tokens, d) positional embedding of the training grid in raster order."""
+        if self.cfg.pos_emb == "2d":
+            return (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(-1, self.cfg.n_embd)
+        return self.pos
+
+    def embed(self, idx: torch.Tensor, labels: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+        """Embeddings of `idx` (B, L) at token positions offset..offset+L-1, with the prefix in front
+        when `offset == 0` and the model has one."""
+        B, L = idx.shape
+        x = self.tok_emb(idx) + self.position_table()[offset:offset + L]
+        if self.cfg.has_prefix and offset == 0:
+            x = torch.cat([self.prefix_embedding(labels, B, idx.device), x], dim=1)
+        return x
+
+    def prefix_embedding(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        if labels is None or self.cfg.n_classes == 0:
+            ids = torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            ids = labels.to(device=device, dtype=torch.long) + 1
+        return self.prefix_emb(ids)[:, None, :]
+
+    def trunk(self, idx: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, L', d); L' = L + 1 with a prefix (prefix first)."""
+        x = self.drop(self.embed(idx, labels))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def forward(self, idx: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, vocab) for every token position of `idx`.
+
+        Bidirectional: the logits at i predict token i. Causal: the logits at i predict token i from
+        the prefix and tokens < i (the input's last token only conditions nothing it predicts).
+        """
+        hidden = self.trunk(idx, labels)
+        if self.cfg.has_prefix:
+            hidden = hidden[:, :-1] if self.cfg.causal else hidden[:, 1:]
+        return self.head(hidden)
+
+    # -- incremental decoding (causal only) ---------------------------------------------------------
+
+    def new_cache(self, batch: int, device: torch.device | None = None) -> KVCache:
+        cfg = self.cfg
+        p = next(self.parameters())
+        return KVCache(cfg.n_layer, batch, cfg.n_head, cfg.n_tokens + 1, cfg.n_embd // cfg.n_head,
+                       device or p.device, p.dtype)
+
+    def decode_step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed embeddings `x` (B, L, d) at the cache's next positions; return logits of the last."""
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        cache.length += x.shape[1]
+        return self.head(self.ln_f(x[:, -1]))
