@@ -14,7 +14,7 @@ class RunPaths:
     root: Path
 
     @classmethod
-    def of(cls, run: str | Path) -> "RunPaths":
+    def of(cls, run: str | Path) -> RunPaths:
         return cls(Path(run))
 
     @property

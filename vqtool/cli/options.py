@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import typer
 
 Run = typer.Option(Path("runs/default"), "--run", help="Run folder: standard input and output names live here.")
