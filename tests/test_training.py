@@ -85,7 +85,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
     assert result.step == 10
     assert first.losses + second.losses == full.losses
-    for a, b in zip(full.model.parameters(), second.model.parameters()):
+    for a, b in zip(full.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(full.ema.shadow["2.weight"], second.ema.shadow["2.weight"])
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()
