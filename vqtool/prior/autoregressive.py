@@ -1,0 +1,195 @@
+"""The autoregressive prior (Taming Transformers' GPT): raster-order next-token prediction.
+
+The shared transformer runs with causal attention and a learned start (or class) token in front, so
+the logits at position i predict token i from the start token and tokens < i. Training minimises the
+cross-entropy of every token at once; the likelihood is exact by the chain rule.
+
+Sampling draws one token at a time in raster order. With the KV cache each new token costs one
+position's forward pass; without it the whole prefix is recomputed for every token (the reference the
+cache is checked against: both give the same tokens for the same generator). A grid larger than the
+training grid is sampled with Taming's sliding window: every token is predicted inside a window of
+the training size placed around it (clamped at the edges), from the window's own tokens at positions
+relative to the window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vqtool.errors import VqtoolError
+from vqtool.prior.logits import sample_from_logits
+from vqtool.prior.transformer import KVCache, Transformer
+
+LN2 = math.log(2.0)
+
+
+class AutoregressiveObjective:
+    """Next-token cross-entropy in raster order; `nll` is the exact negative log-likelihood."""
+
+    kind = "autoregressive"
+
+    def loss(
+        self, model: Transformer, tokens: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean cross-entropy in nats over a batch (B, N); `bpt` is the same number in bits per token.
+
+        The generator is unused: the objective is deterministic. The model is called through
+        `__call__` so a DistributedDataParallel wrapper still synchronises gradients.
+        """
+        tokens = tokens.long()
+        logits = model(tokens, labels)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+        return loss, {"bpt": loss.item() / LN2}
+
+    @torch.no_grad()
+    def nll(
+        self, model: Transformer, tokens: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Exact −log₂ p(tokens) / N per image, (B,): the chain rule over raster order."""
+        tokens = tokens.long()
+        logits = model(tokens, labels).float()
+        nats = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")  # (B, N)
+        return nats.mean(dim=1) / LN2
+
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def window_start(i: int, size: int, window: int) -> int:
+    """First row (or column) of the training-sized window that holds index `i` of a `size`-long axis.
+
+    The window is centred on `i` where it fits and clamped at the edges (Taming Transformers' rule), so
+    the token sits at local index window // 2 away from the edges.
+    """
+    return min(max(i - window // 2, 0), size - window)
+
+
+def _check_request(
+    model: Transformer,
+    n: int,
+    shape: tuple[int, int],
+    labels: torch.Tensor | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> None:
+    cfg = model.cfg
+    if not cfg.causal:
+        raise VqtoolError("this prior is not autoregressive (its transformer is bidirectional); "
+                          "sample it with the absorbing sampler")
+    if n < 1:
+        raise VqtoolError(f"number of samples must be at least 1 (got {n})")
+    H, W = shape
+    if H < 1 or W < cfg.grid[1]:
+        raise VqtoolError(f"--shape {H} {W}: an autoregressive prior needs at least 1 row and at least "
+                          f"{cfg.grid[1]} columns (its training width); use a wider --shape")
+    if not temperature > 0:
+        raise VqtoolError(f"--temperature must be positive (got {temperature})")
+    if top_k is not None and top_k < 1:
+        raise VqtoolError(f"--top-k must be at least 1 (got {top_k})")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise VqtoolError(f"--top-p must lie in (0, 1] (got {top_p})")
+    if labels is not None:
+        if cfg.n_classes == 0:
+            raise VqtoolError("this prior is unconditional; do not pass class labels")
+        if labels.shape != (n,):
+            raise VqtoolError(f"expected {n} class labels, got a tensor of shape {tuple(labels.shape)}")
+        if int(labels.min()) < 0 or int(labels.max()) >= cfg.n_classes:
+            raise VqtoolError(f"class labels must lie in 0..{cfg.n_classes - 1}")
+
+
+def sample_autoregressive(
+    model: Transformer,
+    n: int,
+    shape: tuple[int, int] | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    labels: torch.Tensor | None,
+    generator: torch.Generator,
+    use_cache: bool = True,
+    on_token: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Draw `n` token grids (n, H, W) int64 on the model's device, one token at a time in raster order.
+
+    `shape` None means the training grid. A larger grid is sampled with the sliding window; the grid
+    must be at least as wide as the training grid (it may be shorter: fewer rows is an exact prefix).
+    `generator` must live on the model's device. `on_token` is called once per grid position (for all
+    `n` grids at once), for a progress bar. With `use_cache=False` the whole prefix is recomputed for
+    every token; it draws the same tokens as the cached path.
+    """
+    h, w = model.cfg.grid
+    H, W = tuple(shape) if shape is not None else (h, w)
+    _check_request(model, n, (H, W), labels, temperature, top_k, top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _sample_windows(model, n, (H, W), temperature, top_k, top_p, labels, generator,
+                                   use_cache, on_token)
+    finally:
+        model.train(was_training)
+
+
+def _sample_windows(
+    model: Transformer,
+    n: int,
+    shape: tuple[int, int],
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    labels: torch.Tensor | None,
+    generator: torch.Generator,
+    use_cache: bool,
+    on_token: Callable[[], None] | None,
+) -> torch.Tensor:
+    """Raster-order sampling where each token is predicted inside its window.
+
+    On the training grid there is one window, the whole grid, and this is plain autoregressive
+    sampling. The KV cache lives as long as consecutive tokens share a window and follow each other
+    in the window's raster order; when the window moves, its prefix is fed afresh as one chunk.
+    """
+    H, W = shape
+    h, w = model.cfg.grid
+    wh = min(H, h)  # window height (a grid shorter than training uses the top rows only)
+    device = next(model.parameters()).device
+    if labels is not None:
+        labels = labels.to(device)
+    tokens = torch.zeros(n, H, W, dtype=torch.long, device=device)
+    positions = model.position_table()  # (h * w, d), the window's raster order
+    prefix = model.prefix_embedding(labels, n, device)  # (n, 1, d): start or class token
+    cache: KVCache | None = None
+    cache_at: tuple[int, int, int] | None = None  # (top, left, next window index) the cache can continue
+    previous: torch.Tensor | None = None
+    for i in range(H):
+        top = window_start(i, H, wh)
+        for j in range(W):
+            left = window_start(j, W, w)
+            k = (i - top) * w + (j - left)  # this token's index in its window's raster order
+            if use_cache and cache_at == (top, left, k):
+                # Same window, next position: feed only the token sampled last.
+                x = model.tok_emb(previous)[:, None, :] + positions[k - 1]
+                logits = model.decode_step(x, cache)
+            else:
+                context = tokens[:, top:top + wh, left:left + w].reshape(n, -1)[:, :k]
+                if use_cache:
+                    cache = model.new_cache(n, device)
+                    x = torch.cat([prefix, model.tok_emb(context) + positions[:k]], dim=1)
+                    logits = model.decode_step(x, cache)
+                else:
+                    logits = model.head(model.trunk(context, labels)[:, -1])
+            previous = sample_from_logits(logits, generator, temperature, top_k, top_p)
+            tokens[:, i, j] = previous
+            cache_at = (top, left, k + 1)
+            if on_token is not None:
+                on_token()
+    return tokens
