@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny labelled synthetic dataset as shards, prepared once per test session.
+
+`tiny_shards`  session-scoped Path of a read-only shards folder: 48 shapes images of 16×16 px,
+               36 train + 12 val, 8 classes, shard size 8 (5 train + 2 val shards). Do not write into it.
+`tiny_run`     function-scoped Path of a fresh run folder whose shards/ is a copy of `tiny_shards`,
+               for tests that write stage outputs next to the data (RunPaths.of(tiny_run)).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY_COUNT = 48
+TINY_SIZE = 16
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    from vqtool.data.prepare import PrepareSettings, prepare_synthetic
+
+    out = tmp_path_factory.mktemp("tiny-data") / "shards"
+    settings = PrepareSettings(size=TINY_SIZE, val_fraction=0.25, shard_size=8, workers=1)
+    prepare_synthetic(out, "shapes", TINY_COUNT, settings, seed=0, show_progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_run(tiny_shards, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_shards, run / "shards")
+    return run
