@@ -77,6 +77,9 @@ def _open(data: bytes, settings: ConvertSettings) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        known = _signature(data)
+        if known:
+            raise SkipImage(CORRUPT, f"starts like a {known} file but cannot be read (truncated or damaged)") from None
         raise SkipImage(NOT_IMAGE, "not a recognised image format") from None
     except Image.DecompressionBombError as exc:
         raise SkipImage(TOO_LARGE, str(exc).split(".")[0]) from None
@@ -99,11 +102,31 @@ def _open(data: bytes, settings: ConvertSettings) -> Image.Image:
         raise SkipImage(TOO_LARGE, str(exc).split(".")[0]) from None
     except OSError as exc:
         text = _first_line(exc)
-        reason = TRUNCATED if ("truncated" in text or "broken data stream" in text or "EOF" in text) else CORRUPT
+        lowered = text.lower()
+        reason = TRUNCATED if ("truncated" in lowered or "broken data stream" in lowered) else CORRUPT
         raise SkipImage(reason, text) from None
     except (ValueError, SyntaxError, struct.error, ZeroDivisionError, IndexError) as exc:
         raise SkipImage(CORRUPT, _first_line(exc)) from None
     return img
+
+
+_SIGNATURES = {
+    b"\x89PNG": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
+def _signature(data: bytes) -> str:
+    for magic, name in _SIGNATURES.items():
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:
