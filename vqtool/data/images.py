@@ -83,8 +83,8 @@ def _open(data: bytes, settings: ConvertSettings) -> Image.Image:
         raise SkipImage(NOT_IMAGE, "not a recognised image format") from None
     except Image.DecompressionBombError as exc:
         raise SkipImage(TOO_LARGE, str(exc).split(".")[0]) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise SkipImage(CORRUPT, _first_line(exc)) from None
+    except (OSError, ValueError, SyntaxError, struct.error) as exc:
+        raise SkipImage(_damage_reason(exc), _first_line(exc)) from None
     w, h = img.size
     if max(w, h) > settings.max_side:
         raise SkipImage(TOO_LARGE, f"{w}x{h} exceeds --max-side {settings.max_side}")
@@ -100,13 +100,8 @@ def _open(data: bytes, settings: ConvertSettings) -> Image.Image:
             img = ImageOps.exif_transpose(img) or img
     except Image.DecompressionBombError as exc:
         raise SkipImage(TOO_LARGE, str(exc).split(".")[0]) from None
-    except OSError as exc:
-        text = _first_line(exc)
-        lowered = text.lower()
-        reason = TRUNCATED if ("truncated" in lowered or "broken data stream" in lowered) else CORRUPT
-        raise SkipImage(reason, text) from None
-    except (ValueError, SyntaxError, struct.error, ZeroDivisionError, IndexError) as exc:
-        raise SkipImage(CORRUPT, _first_line(exc)) from None
+    except (OSError, ValueError, SyntaxError, struct.error, ZeroDivisionError, IndexError) as exc:
+        raise SkipImage(_damage_reason(exc), _first_line(exc)) from None
     return img
 
 
@@ -127,6 +122,11 @@ def _signature(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WebP"
     return ""
+
+
+def _damage_reason(exc: BaseException) -> str:
+    text = str(exc).lower()
+    return TRUNCATED if ("truncated" in text or "broken data stream" in text) else CORRUPT
 
 
 def _first_line(exc: BaseException) -> str:
