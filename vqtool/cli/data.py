@@ -52,8 +52,8 @@ def prepare_command(
     if synthetic and src:
         raise VqtoolError("give either SRC or --synthetic, not both")
     if synthetic:
-        result = prepare_synthetic(target, synthetic, count or int(inputs.get("count", 2000)), settings,
-                                   seed=seed, overwrite=overwrite)
+        n = count if count is not None else int(inputs.get("count", 2000))
+        result = prepare_synthetic(target, synthetic, n, settings, seed=seed, overwrite=overwrite)
     elif src:
         if count is not None:
             raise VqtoolError("--count only applies with --synthetic")
