@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import redirect_stdout
@@ -105,18 +106,24 @@ def load_extractor(
         else:
             spec = _clip_weights(name)
         path = pretrained.locate(spec, weights, download)
-        if not name.startswith("clip"):
-            # torch-fidelity unpickles this file without restrictions; proving it loads with the tensors-only
-            # unpickler first means nothing but tensors can come out of it.
-            pretrained.load_state_dict(path, spec)
         kwargs = {"feature_extractor_weights_path": str(path)}
-    try:
-        with redirect_stdout(sys.stderr), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = create_feature_extractor(name, [layer], cuda=False, verbose=False, **kwargs)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise VqtoolError(f"--feature-weights {path}: does not fit the {name} architecture ({first})") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        if not name.startswith(("clip", "dinov2")):
+            # torch-fidelity unpickles this file without restrictions; proving it loads with the tensors-only
+            # unpickler first means nothing but tensors can come out of it. It reads only PyTorch's format,
+            # so a .safetensors file is handed over as a temporary copy in that format.
+            state = pretrained.load_state_dict(path, spec)
+            if path.suffix == ".safetensors":
+                kwargs["feature_extractor_weights_path"] = str(Path(tmp) / "weights.pth")
+                torch.save(state, kwargs["feature_extractor_weights_path"])
+            del state
+        try:
+            with redirect_stdout(sys.stderr), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = create_feature_extractor(name, [layer], cuda=False, verbose=False, **kwargs)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise VqtoolError(f"--feature-weights {path}: does not fit the {name} architecture ({first})") from None
     device = torch.device(device)
     model.to(device).eval()
     return Extractor(model=model, name=name, layer=layer, weights_path=path, weights_sha256=file_sha256(path),
@@ -185,6 +192,32 @@ def cache_path(cache_dir: Path, source_key: str, n: int, extractor: Extractor) -
     return Path(cache_dir) / f"features-{cache_key(source_key, n, extractor)[:20]}.safetensors"
 
 
+def load_cached(cache_dir: Path | None, source_key: str, n: int, extractor: Extractor) -> torch.Tensor | None:
+    """Cached features (n, D) of this exact (data, n, extractor, layer, weights), or None."""
+    if cache_dir is None:
+        return None
+    path = cache_path(cache_dir, source_key, n, extractor)
+    if not path.exists():
+        return None
+    art = load_artifact(path, "features")
+    feats = art.tensors.get("features")
+    expected = {"source": source_key, "n": n, **extractor.key}
+    if art.config != expected or feats is None or feats.ndim != 2 or feats.shape[0] != n:
+        return None  # a stale or foreign file under this name: recompute and replace it
+    return feats.float()
+
+
+def store_cached(cache_dir: Path, source_key: str, n: int, extractor: Extractor, features: torch.Tensor,
+                 parents: dict[str, str] | None = None) -> Path:
+    if features.shape[0] != n:
+        raise ValueError(f"{features.shape[0]} feature rows for n={n}")
+    path = cache_path(cache_dir, source_key, n, extractor)
+    config = {"source": source_key, "n": n, **extractor.key}
+    save_artifact(path, "features", {"features": features}, config=config, parents=parents or {},
+                  extra={"dim": int(features.shape[1])})
+    return path
+
+
 def cached_features(
     cache_dir: Path | None,
     source_key: str,
@@ -194,21 +227,13 @@ def cached_features(
     parents: dict[str, str] | None = None,
 ) -> tuple[torch.Tensor, Path | None, bool]:
     """Features of a real set from the cache, or computed and stored there; returns (features, path, hit)."""
-    if cache_dir is None:
-        return compute(), None, False
-    path = cache_path(cache_dir, source_key, n, extractor)
-    expected = {"source": source_key, "n": n, **extractor.key}
-    if path.exists():
-        art = load_artifact(path, "features")
-        feats = art.tensors.get("features")
-        if art.config == expected and feats is not None and feats.shape[0] == n:
-            return feats.float(), path, True
+    feats = load_cached(cache_dir, source_key, n, extractor)
+    if feats is not None:
+        return feats, cache_path(cache_dir, source_key, n, extractor), True
     feats = compute()
-    if feats.shape[0] != n:
-        raise RuntimeError(f"feature extraction returned {feats.shape[0]} rows for n={n}")
-    save_artifact(path, "features", {"features": feats}, config=expected, parents=parents or {},
-                  extra={"dim": int(feats.shape[1])})
-    return feats, path, False
+    if cache_dir is None:
+        return feats, None, False
+    return feats, store_cached(cache_dir, source_key, n, extractor, feats, parents), False
 
 
 # --------------------------------------------------------------------------------------------------

@@ -69,7 +69,14 @@ def locate(spec: WeightsFile, explicit: str | Path | None = None, download: bool
 
 
 def load_state_dict(path: Path, spec: WeightsFile) -> dict[str, torch.Tensor]:
-    """Read a PyTorch weights file with the restricted (tensors-only) unpickler, never arbitrary pickles."""
+    """Read a .safetensors file, or a PyTorch weights file with the restricted (tensors-only) unpickler."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors has its own error types
+            raise VqtoolError(f"{spec.option} {path}: not a readable safetensors file ({_first_line(exc)})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for bad or unsafe files
