@@ -1,0 +1,167 @@
+"""`vqtool sample` (images from a prior) and `vqtool inpaint` (regenerate a masked part of an image)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from vqtool.cli import options, stage_command
+from vqtool.config import load_recipe, merge, parse_overrides
+from vqtool.console import console, progress, summary_table
+from vqtool.runs import RunPaths
+
+_Steps = typer.Option(None, "--steps", help="Unmasking steps over the whole grid (default 50; = tokens: one per step).")
+_Temperature = typer.Option(None, "--temperature", help="Softmax temperature of every draw (default 1.0).")
+_Schedule = typer.Option(None, "--schedule", help="random (the paper's) | confidence (MaskGIT).")
+_Curve = typer.Option(None, "--curve", help="confidence schedule: cosine (default) | arccos.")
+_TopK = typer.Option(None, "--top-k", help="Draw only among the k most likely codes.")
+_TopP = typer.Option(None, "--top-p", help="Draw only from the smallest set of codes with this probability mass.")
+_Order = typer.Option(None, "--order", help="random schedule: random (default) | raster unmasking order.")
+_Stride = typer.Option(None, "--stride", help="--shape larger than training: spacing of the windows (default 1).")
+_BatchSize = typer.Option(None, "--batch-size", help="Images drawn at once (default 16).")
+_Class = typer.Option(None, "--class", help="Class index or name for a class-conditional prior "
+                                          "(default: classes cycled).")
+_Prior = typer.Option(None, "--prior", help="Prior artifact (default: RUN/prior.safetensors).")
+_Vq = typer.Option(None, "--vq", help="VQ artifact the prior's latents came from (default: RUN/vq.safetensors).")
+_Quantize = typer.Option("none", "--quantize", help="none | int8 (dynamic int8 Linear layers; CPU only, faster).")
+
+
+def _settings(config: Path | None, set_: list[str] | None, sections: tuple[str, ...], cli: dict):
+    from vqtool.prior.sample import SampleSettings
+
+    recipe = load_recipe(config)
+    layers = [dict(recipe.get(s) or {}) for s in sections]
+    return merge(SampleSettings, *layers, parse_overrides(set_), cli, where=sections[-1])
+
+
+class _Bar:
+    """A rich progress bar driven by the stage's progress(completed, total) callback.
+
+    It appears at the first report, so an early error (missing file, bad option) prints alone.
+    """
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+    def __call__(self, completed: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress()
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.description, total=total, status="")
+        self.bar.update(self.task, completed=completed, total=total)
+
+
+@stage_command("sample")
+def sample_command(
+    run: Path = options.Run,
+    n: int = typer.Option(64, "--n", help="Number of images to draw."),
+    steps: int = _Steps,
+    temperature: float = _Temperature,
+    schedule: str = _Schedule,
+    curve: str = _Curve,
+    top_k: int = _TopK,
+    top_p: float = _TopP,
+    shape: tuple[int, int] = typer.Option(None, "--shape", help="Token grid H W, larger than the training grid "
+                                                                "(absorbing: window mixture; AR: sliding window)."),
+    stride: int = _Stride,
+    order: str = _Order,
+    batch_size: int = _BatchSize,
+    class_: str = _Class,
+    no_cache: bool = typer.Option(False, "--no-cache", help="Autoregressive prior: recompute instead of KV cache."),
+    quantize: str = _Quantize,
+    prior: Path = _Prior,
+    vq: Path = _Vq,
+    out: Path = typer.Option(None, "--out", help="Output folder (default: RUN/samples)."),
+    seed: int = options.Seed,
+    device: str = options.Device,
+    config: Path = options.Config,
+    set_: list[str] = options.Set,
+    overwrite: bool = options.Overwrite,
+) -> None:
+    """Draw images from a trained prior: PNGs, a grid and samples.safetensors in RUN/samples."""
+    from vqtool.prior.sample import sample_images
+
+    paths = RunPaths.of(run)
+    cli = dict(steps=steps, temperature=temperature, schedule=schedule, curve=curve, top_k=top_k, top_p=top_p,
+               shape=shape, stride=stride, order=order, batch_size=batch_size, seed=seed,
+               use_cache=False if no_cache else None)
+    settings = _settings(config, set_, ("sample",), cli)
+    with _Bar("sampling") as bar:
+        r = sample_images(prior or paths.prior, vq or paths.vq, out or paths.samples, n, settings, class_id=class_,
+                          device=device, quantize=quantize, overwrite=overwrite, progress=bar)
+    H, W = r.tokens.shape[1:]
+    rows = [
+        ("images", f"{len(r.images)} PNGs in {r.grid.parent}"),
+        ("grid", r.grid),
+        ("tokens", f"{r.artifact} ({len(r.tokens)} × {H}×{W})"),
+        ("settings", f"{settings.schedule} schedule, {settings.steps} steps, temperature {settings.temperature}"
+                     + (", int8" if quantize == "int8" else "")),
+        ("sampling", f"{r.seconds:.1f} s, {r.images_per_second:.2f} images/s"),
+        ("decoding", f"{r.decode_seconds:.1f} s"),
+    ]
+    console.print(summary_table("sample", [(k, escape(str(v))) for k, v in rows]))
+
+
+@stage_command("inpaint")
+def inpaint_command(
+    image: Path = typer.Argument(..., help="The image to complete (any size; centre-cropped like prepare)."),
+    run: Path = options.Run,
+    mask: Path = typer.Option(None, "--mask", help="PNG the size of IMAGE: white pixels are regenerated."),
+    box: str = typer.Option(None, "--box", help="Region to regenerate: x0,y0,x1,y1 in IMAGE pixels (x1, y1 excluded)."),
+    n: int = typer.Option(8, "--n", help="Number of completions."),
+    keep_pixels: bool = typer.Option(False, "--keep-pixels", help="Paste IMAGE's pixels back outside the mask."),
+    steps: int = _Steps,
+    temperature: float = _Temperature,
+    schedule: str = _Schedule,
+    curve: str = _Curve,
+    top_k: int = _TopK,
+    top_p: float = _TopP,
+    order: str = _Order,
+    batch_size: int = _BatchSize,
+    class_: str = _Class,
+    quantize: str = _Quantize,
+    prior: Path = _Prior,
+    vq: Path = _Vq,
+    out: Path = typer.Option(None, "--out", help="Output folder (default: RUN/inpaint)."),
+    seed: int = options.Seed,
+    device: str = options.Device,
+    config: Path = options.Config,
+    set_: list[str] = options.Set,
+    overwrite: bool = options.Overwrite,
+) -> None:
+    """Regenerate the masked part of an image with an absorbing prior: n completions as PNGs."""
+    from vqtool.prior.inpaint import inpaint_image, parse_box
+
+    paths = RunPaths.of(run)
+    cli = dict(steps=steps, temperature=temperature, schedule=schedule, curve=curve, top_k=top_k, top_p=top_p,
+               order=order, batch_size=batch_size, seed=seed)
+    settings = _settings(config, set_, ("sample", "inpaint"), cli)
+    parsed_box = parse_box(box) if box is not None else None
+    with _Bar("inpainting") as bar:
+        r = inpaint_image(prior or paths.prior, vq or paths.vq, image, out or paths.inpaint, n, settings,
+                          mask_path=mask, box=parsed_box, keep_pixels=keep_pixels, class_id=class_, device=device,
+                          quantize=quantize, overwrite=overwrite, progress=bar)
+    h, w = r.tokens.shape[1:]
+    rows = [
+        ("masked tokens", f"{r.masked_tokens} of {h * w}"),
+        ("steps run", f"{r.steps_run} (of a {settings.steps}-step schedule over the whole grid)"),
+        ("original", r.original),
+        ("mask overlay", r.overlay),
+        ("completions", f"{len(r.completions)} PNGs in {r.grid.parent}" + (", pixels kept" if keep_pixels else "")),
+        ("grid", r.grid),
+        ("tokens", r.artifact),
+        ("time", f"{r.seconds:.1f} s"),
+    ]
+    console.print(summary_table("inpaint", [(k, escape(str(v))) for k, v in rows]))

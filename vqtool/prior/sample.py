@@ -1,0 +1,400 @@
+"""Drawing token grids from a prior, and the `sample` stage that decodes them into PNGs.
+
+`sample_tokens` is the algorithm: the absorbing prior runs an unmasking schedule
+(vqtool.prior.schedules) over a predictor, the autoregressive prior hands each batch to
+vqtool.prior.autoregressive.sample_autoregressive. `sample_images` is the stage: load the prior and
+the VQ, check they belong together, sample, decode, write PNGs and samples.safetensors.
+
+Speed. A sampling step of the absorbing prior needs logits only at the positions it reveals, so the
+predictor runs the transformer's trunk and applies the output head at those positions only. It also
+runs the last block only where it matters: the last layer's attention needs keys and values of every
+position but queries, projection, MLP and final norm only at the asked positions (`hidden_at`). Both
+give the same numbers as a full forward pass (tested). `quantize_int8` offers int8 dynamic
+quantization of the Linear layers for CPU inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vqtool.errors import VqtoolError
+from vqtool.prior.schedules import CURVES, ORDERS, SCHEDULES, Draw, Predict, make_schedule, n_steps, reveal
+from vqtool.prior.store import LoadedPrior
+from vqtool.prior.transformer import Transformer
+from vqtool.prior.windows import WindowPredictor
+
+Progress = Callable[[int, int], None]
+"""progress(completed, total) in units of predictor calls (absorbing) or grid positions (autoregressive)."""
+
+QUANTIZE = ("none", "int8")
+
+
+@dataclass
+class SampleSettings:
+    steps: int = 50
+    temperature: float = 1.0
+    schedule: str = "random"  # random | confidence
+    top_k: int | None = None
+    top_p: float | None = None
+    shape: tuple[int, int] | None = None  # tokens (H, W); None = the training grid
+    stride: int = 1  # window aggregation on larger grids: window spacing in tokens
+    order: str = "random"  # random | raster: which masked tokens the random schedule reveals first
+    batch_size: int = 16
+    seed: int = 0
+    use_cache: bool = True  # autoregressive prior: KV cache
+    curve: str = "cosine"  # confidence schedule: cosine | arccos
+
+
+# --------------------------------------------------------------------------------------------------
+# Predicting at a few positions
+
+
+def hidden_at(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor | None,
+              positions: torch.Tensor) -> torch.Tensor:
+    """Final-normed hidden states (B, k, d) of a bidirectional transformer at token `positions` (B, k).
+
+    Equals `model.trunk(tokens, labels)` gathered at those positions, but the last block runs its
+    queries, projection and MLP only there.
+    """
+    cfg = model.cfg
+    if cfg.causal:
+        raise ValueError("hidden_at is for the bidirectional (absorbing) transformer")
+    off = 1 if cfg.has_prefix else 0
+    B, k = positions.shape
+    idx = (positions + off).unsqueeze(-1)
+    if 2 * k >= tokens.shape[1]:
+        # Most positions asked for: the full trunk is as cheap.
+        hidden = model.trunk(tokens, labels)
+        return hidden.gather(1, idx.expand(B, k, hidden.shape[-1]))
+    x = model.drop(model.embed(tokens, labels))
+    for block in model.blocks[:-1]:
+        x = block(x)
+    last = model.blocks[-1]
+    attn = last.attn
+    C = x.shape[-1]
+    n_head = attn.n_head
+    q, key, value = attn.qkv(last.ln1(x)).split(C, dim=2)
+    q = q.gather(1, idx.expand(B, k, C))
+    q, key, value = (t.reshape(B, t.shape[1], n_head, C // n_head).transpose(1, 2) for t in (q, key, value))
+    y = F.scaled_dot_product_attention(q, key, value).transpose(1, 2).reshape(B, k, C)
+    x = x.gather(1, idx.expand(B, k, C)) + attn.resid_drop(attn.proj(y))
+    x = x + last.mlp(last.ln2(x))
+    return model.ln_f(x)
+
+
+class TransformerPredictor:
+    """`predict(tokens, positions)` of an absorbing prior on its training grid, head only where asked."""
+
+    def __init__(self, model: Transformer, labels: torch.Tensor | None = None):
+        self.model = model
+        self.labels = labels
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        from vqtool.device import autocast
+
+        with autocast(tokens.device):
+            return self.model.head(hidden_at(self.model, tokens, self.labels, positions)).float()
+
+
+def make_predictor(model: Transformer, labels: torch.Tensor | None, shape: tuple[int, int],
+                   stride: int = 1) -> Predict:
+    """The plain predictor on the training grid, a window mixture on a larger `shape`."""
+    plain = TransformerPredictor(model, labels)
+    if tuple(shape) == tuple(model.cfg.grid):
+        return plain
+    return WindowPredictor(plain, shape, model.cfg.grid, stride)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks and defaults
+
+
+def check_settings(settings: SampleSettings, prior: LoadedPrior) -> tuple[int, int]:
+    """Refuse impossible settings with one line naming the option; return the token grid (H, W)."""
+    s = settings
+    if s.steps < 1:
+        raise VqtoolError(f"--steps must be at least 1 (got {s.steps})")
+    if not s.temperature > 0:
+        raise VqtoolError(f"--temperature must be positive (got {s.temperature})")
+    if s.schedule not in SCHEDULES:
+        raise VqtoolError(f"--schedule must be one of {', '.join(SCHEDULES)} (got {s.schedule!r})")
+    if s.order not in ORDERS:
+        raise VqtoolError(f"--order must be one of {', '.join(ORDERS)} (got {s.order!r})")
+    if s.curve not in CURVES:
+        raise VqtoolError(f"--curve must be one of {', '.join(CURVES)} (got {s.curve!r})")
+    if s.order == "raster" and s.schedule != "random":
+        raise VqtoolError("--order raster applies to --schedule random; the confidence schedule picks its own order")
+    if s.top_k is not None and s.top_k < 1:
+        raise VqtoolError(f"--top-k must be at least 1 (got {s.top_k})")
+    if s.top_p is not None and not 0 < s.top_p <= 1:
+        raise VqtoolError(f"--top-p must lie in (0, 1] (got {s.top_p})")
+    if s.stride < 1:
+        raise VqtoolError(f"--stride must be at least 1 (got {s.stride})")
+    if s.batch_size < 1:
+        raise VqtoolError(f"--batch-size must be at least 1 (got {s.batch_size})")
+    grid = tuple(prior.cfg.grid)
+    shape = tuple(int(v) for v in s.shape) if s.shape is not None else grid
+    if len(shape) != 2:
+        raise VqtoolError(f"--shape takes two numbers H W (got {s.shape})")
+    if prior.kind == "absorbing" and (shape[0] < grid[0] or shape[1] < grid[1]):
+        raise VqtoolError(f"--shape {shape[0]} {shape[1]}: must be at least the training grid "
+                          f"{grid[0]} {grid[1]} in both directions")
+    return shape  # type: ignore[return-value]
+
+
+def resolve_class(prior: LoadedPrior, value: int | str | None) -> int | None:
+    """`--class` as an index or as one of the class names the prior's artifact records."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    names = [str(c) for c in prior.artifact.extra.get("classes", [])]
+    if text not in names:
+        known = ", ".join(names[:20]) if names else "none recorded; pass the class index"
+        raise VqtoolError(f"--class {text!r}: not a class of this prior (known: {known})")
+    return names.index(text)
+
+
+def default_labels(prior: LoadedPrior, n: int, class_id: int | None = None) -> torch.Tensor | None:
+    """Labels for n samples: None for an unconditional prior, else `class_id` for all or classes cycled."""
+    n_classes = prior.cfg.n_classes
+    if n_classes == 0:
+        if class_id is not None:
+            raise VqtoolError("--class: this prior is unconditional (trained without labels)")
+        return None
+    if class_id is None:
+        return torch.arange(n) % n_classes
+    if not 0 <= class_id < n_classes:
+        raise VqtoolError(f"--class {class_id}: this prior knows classes 0..{n_classes - 1}")
+    return torch.full((n,), class_id, dtype=torch.long)
+
+
+def _check_labels(prior: LoadedPrior, n: int, labels: torch.Tensor | None) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    if prior.cfg.n_classes == 0:
+        raise VqtoolError("--class: this prior is unconditional (trained without labels)")
+    labels = labels.long().reshape(-1)
+    if labels.numel() != n:
+        raise VqtoolError(f"expected {n} class labels, got {labels.numel()}")
+    if int(labels.min()) < 0 or int(labels.max()) >= prior.cfg.n_classes:
+        raise VqtoolError(f"class labels must lie in 0..{prior.cfg.n_classes - 1}")
+    return labels
+
+
+def total_work(prior: LoadedPrior, n: int, settings: SampleSettings) -> int:
+    """Units `sample_tokens` reports to its progress callback in all."""
+    H, W = check_settings(settings, prior)
+    batches = math.ceil(n / settings.batch_size)
+    if prior.kind == "autoregressive":
+        return batches * H * W
+    schedule = make_schedule(settings.schedule, settings.order, settings.curve)
+    return batches * n_steps(schedule, H * W, settings.steps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings, labels: torch.Tensor | None = None,
+                  progress: Progress | None = None) -> torch.Tensor:
+    """Draw `n` token grids (n, H, W) int64 (on CPU) from the prior, `settings.batch_size` at a time.
+
+    `labels` (n,) are class ids for a class-conditional prior (None: unconditional, or the prior's
+    prefix start token). Randomness comes only from a generator seeded with `settings.seed`, so the
+    same settings (batch size included) give the same tokens.
+    """
+    if n < 1:
+        raise VqtoolError(f"--n must be at least 1 (got {n})")
+    H, W = check_settings(settings, prior)
+    labels = _check_labels(prior, n, labels)
+    model = prior.model
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    total = total_work(prior, n, settings)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, settings.batch_size):
+                b = min(settings.batch_size, n - start)
+                batch_labels = labels[start:start + b].to(device) if labels is not None else None
+                if prior.kind == "autoregressive":
+                    from vqtool.prior.autoregressive import sample_autoregressive
+
+                    grids = sample_autoregressive(model, b, (H, W), settings.temperature, settings.top_k,
+                                                  settings.top_p, batch_labels, generator,
+                                                  use_cache=settings.use_cache, on_token=tick)
+                else:
+                    grids = _sample_absorbing(model, b, (H, W), settings, batch_labels, generator, tick)
+                out.append(grids.reshape(b, H, W).long().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def _sample_absorbing(model: Transformer, b: int, shape: tuple[int, int], settings: SampleSettings,
+                      labels: torch.Tensor | None, generator: torch.Generator,
+                      on_step: Callable[[], None]) -> torch.Tensor:
+    device = generator.device
+    tokens = torch.full((b, shape[0] * shape[1]), model.cfg.mask_id, dtype=torch.long, device=device)
+    predict = make_predictor(model, labels, shape, settings.stride)
+    schedule = make_schedule(settings.schedule, settings.order, settings.curve)
+    draw = Draw(settings.temperature, settings.top_k, settings.top_p)
+    return reveal(predict, tokens, model.cfg.mask_id, schedule, settings.steps, draw, generator, on_step)
+
+
+# --------------------------------------------------------------------------------------------------
+# int8 inference
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """A copy of `model` whose Linear layers run as int8 dynamic-quantized matmuls (CPU only).
+
+    Weights are quantized once, activations per batch; embeddings and norms stay fp32.
+    `benchmarks/prior_sampling.py` measures the speed-up and the logit differences.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        raise VqtoolError("--quantize int8 runs on CPU only; use --device cpu or drop --quantize")
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which is not a dependency here.
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # (n, H, W)
+    labels: torch.Tensor | None
+    images: list[Path]
+    grid: Path
+    artifact: Path
+    seconds: float  # time spent drawing tokens
+    decode_seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.tokens) / max(self.seconds, 1e-9)
+
+
+def load_pair(prior_path: Path, vq_path: Path, device: torch.device):
+    """Load a prior and the VQ its latents came from, refusing a VQ it was not trained on."""
+    from vqtool.artifacts import read_metadata, require_parent
+    from vqtool.prior.store import load_prior
+    from vqtool.vq.store import load_vq
+
+    prior_path, vq_path = Path(prior_path), Path(vq_path)
+    if not prior_path.exists():
+        raise VqtoolError(f"{prior_path}: no prior here; run `vqtool train-prior` first (or pass --prior)")
+    if not vq_path.exists():
+        raise VqtoolError(f"{vq_path}: no VQ model here; pass --vq or the right --run")
+    require_parent(read_metadata(prior_path, "prior-model"), "vq", vq_path)
+    prior = load_prior(prior_path, device)
+    vq = load_vq(vq_path, device)
+    if vq.model.codebook_size != prior.cfg.vocab_size:
+        raise VqtoolError(f"{vq_path}: codebook of {vq.model.codebook_size} codes, but {prior_path} was trained "
+                          f"on {prior.cfg.vocab_size}; pass the VQ the prior's latents came from")
+    return prior, vq
+
+
+def decode(vq_model, tokens: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Token grids (n, h, w) → images (n, 3, S, S) in [-1, 1] on CPU, a batch at a time."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(tokens), batch_size):
+            out.append(vq_model.decode_tokens(tokens[start:start + batch_size].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def sample_images(
+    prior_path: Path,
+    vq_path: Path,
+    out_dir: Path,
+    n: int,
+    settings: SampleSettings,
+    class_id: int | str | None = None,
+    device: str = "auto",
+    quantize: str = "none",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    grid_max: int = 64,
+) -> SampleResult:
+    """The `sample` stage: n images from the prior through the VQ decoder, as PNGs + samples.safetensors.
+
+    Writes out_dir/sample-NNNN.png, out_dir/grid.png (the first `grid_max` images) and
+    out_dir/samples.safetensors (written last: its presence means the run finished).
+    """
+    from vqtool.device import resolve_device
+    from vqtool.grids import save_grid, save_png
+    from vqtool.samples import save_samples
+
+    out_dir = Path(out_dir)
+    artifact = out_dir / "samples.safetensors"
+    if artifact.exists() and not overwrite:
+        raise VqtoolError(f"{artifact} exists; pass --overwrite to replace it, or choose another --out")
+    if quantize not in QUANTIZE:
+        raise VqtoolError(f"--quantize must be one of {', '.join(QUANTIZE)} (got {quantize!r})")
+    dev = resolve_device(device)
+    prior, vq = load_pair(prior_path, vq_path, dev)
+    check_settings(settings, prior)
+    if quantize == "int8":
+        prior = dataclasses.replace(prior, model=quantize_int8(prior.model))
+    class_id = resolve_class(prior, class_id)
+    labels = default_labels(prior, n, class_id)
+
+    start = time.perf_counter()
+    tokens = sample_tokens(prior, n, settings, labels, progress)
+    seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    images = decode(vq.model, tokens, settings.batch_size, dev)
+    decode_seconds = time.perf_counter() - start
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for old in out_dir.glob("sample-*.png"):
+            old.unlink()
+    digits = max(4, len(str(n - 1)))
+    paths = []
+    for i, image in enumerate(images):
+        path = out_dir / f"sample-{i:0{digits}d}.png"
+        save_png(image, path)
+        paths.append(path)
+    grid = out_dir / "grid.png"
+    shown = images[:grid_max]
+    save_grid(shown, grid, nrow=max(1, math.ceil(math.sqrt(len(shown)))))
+    record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
+              "class": class_id, "device": dev.type}
+    record["shape"] = list(tokens.shape[1:])
+    save_samples(artifact, tokens, labels, record,
+                 parents={"prior": prior.artifact.sha256, "vq": vq.artifact.sha256},
+                 codebook_size=prior.cfg.vocab_size,
+                 extra={"seconds": seconds, "images_per_second": n / max(seconds, 1e-9),
+                        "classes": list(prior.artifact.extra.get("classes", []))})
+    return SampleResult(tokens=tokens, labels=labels, images=paths, grid=grid, artifact=artifact,
+                        seconds=seconds, decode_seconds=decode_seconds)

@@ -1,0 +1,204 @@
+"""Unmasking schedules for the absorbing prior: which masked tokens get revealed at each step.
+
+A schedule only sees one function, `predict(tokens, positions) -> logits`: the denoiser's logits over
+the codebook at the asked positions of a flattened, partly masked grid. Whether that function is one
+transformer pass or a mixture of windows over a large grid (vqtool.prior.windows) is invisible here,
+so every schedule works with every predictor.
+
+A schedule is two things:
+  - `masked_after(n_tokens, steps)`: how many tokens are still masked after each step, from N down to 0;
+  - `step(...)`: reveal a given number of masked tokens in place.
+`reveal()` drives them and can start from any partly masked state (inpainting continues the reverse
+process from the step whose masked count matches).
+
+Schedules:
+  random      the paper's: each step reveals a random subset of the still-masked tokens, evenly many per
+              step; revealed tokens are drawn from the (temperature-scaled) prediction and never change.
+              With steps = N it reveals exactly one token per step. `order="raster"` reveals in raster
+              order instead (the paper's alternative for large images).
+  confidence  MaskGIT: the count left masked follows a cosine (or arccos) curve; each step draws every
+              masked token and keeps the most confident draws, with Gumbel noise on the confidences
+              annealed linearly to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from vqtool.prior.logits import filter_logits
+
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""predict(tokens (B, N) int64 with MASK ids, positions (B, k) int64) -> logits (B, k, V) float."""
+
+SCHEDULES = ("random", "confidence")
+ORDERS = ("random", "raster")
+CURVES = ("cosine", "arccos")
+
+
+@dataclass(frozen=True)
+class Draw:
+    """How one token is drawn from a prediction: temperature, then optional top-k / nucleus filtering."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (..., V) → (drawn ids (...), log-probability of each drawn id under the filtered law)."""
+        logp = filter_logits(logits.float(), self.temperature, self.top_k, self.top_p).log_softmax(-1)
+        flat = logp.reshape(-1, logp.shape[-1]).exp()
+        ids = torch.multinomial(flat, 1, generator=generator).reshape(logp.shape[:-1])
+        return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+class Schedule(Protocol):
+    name: str
+
+    def masked_after(self, n_tokens: int, steps: int) -> list[int]:
+        """Tokens still masked after step 0..S: strictly decreasing from n_tokens to 0 (S ≤ n_tokens)."""
+
+    def step(self, predict: Predict, tokens: torch.Tensor, masked: torch.Tensor, reveal: int, done: float,
+             draw: Draw, generator: torch.Generator) -> None:
+        """Reveal `reveal` masked tokens of every row, updating `tokens` and `masked` (B, N) in place.
+
+        `done` is the fraction of the whole process completed after this step (1.0 at the last one).
+        """
+
+
+def _strictly_decreasing(counts: list[int]) -> list[int]:
+    """Clamp a count curve so that every step reveals at least one token and the last leaves none."""
+    steps = len(counts) - 1
+    out = [counts[0]]
+    for i in range(1, steps + 1):
+        # At most one fewer than before, at least enough left for one token per remaining step.
+        out.append(max(min(counts[i], out[-1] - 1), steps - i))
+    return out
+
+
+def _masked_positions(masked: torch.Tensor) -> torch.Tensor:
+    """(B, m) indices of the masked positions of each row, ascending; every row must have m of them."""
+    counts = masked.sum(1)
+    m = int(counts[0])
+    if bool((counts != m).any()):
+        raise ValueError("every row must have the same number of masked tokens")
+    # A stable sort puts masked (key 0) before unmasked (key 1), each group in index order.
+    return torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :m]
+
+
+class RandomSchedule:
+    """Evenly many tokens per step, at uniformly random (or raster-order) masked positions."""
+
+    name = "random"
+
+    def __init__(self, order: str = "random"):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
+        self.order = order
+
+    def masked_after(self, n_tokens: int, steps: int) -> list[int]:
+        steps = max(1, min(steps, n_tokens))
+        return [n_tokens - (n_tokens * i) // steps for i in range(steps + 1)]
+
+    def step(self, predict: Predict, tokens: torch.Tensor, masked: torch.Tensor, reveal: int, done: float,
+             draw: Draw, generator: torch.Generator) -> None:
+        B, N = tokens.shape
+        if self.order == "random":
+            score = torch.rand((B, N), generator=generator, device=tokens.device)
+        else:
+            score = torch.arange(N, device=tokens.device, dtype=torch.float32).expand(B, N)
+        # Unmasked positions get a score no masked one can have, so the k smallest are all masked.
+        score = score.masked_fill(~masked, float("inf"))
+        positions = torch.topk(score, reveal, dim=1, largest=False, sorted=True).indices
+        ids, _ = draw(predict(tokens, positions), generator)
+        tokens.scatter_(1, positions, ids)
+        masked.scatter_(1, positions, False)
+
+
+class ConfidenceSchedule:
+    """MaskGIT: draw every masked token, keep the most confident ones, re-mask the rest."""
+
+    name = "confidence"
+
+    def __init__(self, curve: str = "cosine", noise: float = 4.5):
+        if curve not in CURVES:
+            raise ValueError(f"curve must be one of {', '.join(CURVES)}, not {curve!r}")
+        self.curve = curve
+        self.noise = noise  # Gumbel scale at the first step (MaskGIT's choice temperature)
+
+    def fraction_masked(self, r: float) -> float:
+        """The curve: fraction of tokens still masked when a fraction r of the steps is done."""
+        if self.curve == "cosine":
+            return math.cos(math.pi / 2 * r)
+        return math.acos(r) / (math.pi / 2)
+
+    def masked_after(self, n_tokens: int, steps: int) -> list[int]:
+        steps = max(1, min(steps, n_tokens))
+        raw = [math.floor(n_tokens * self.fraction_masked(i / steps) + 1e-9) for i in range(steps + 1)]
+        raw[0], raw[-1] = n_tokens, 0
+        return _strictly_decreasing(raw)
+
+    def step(self, predict: Predict, tokens: torch.Tensor, masked: torch.Tensor, reveal: int, done: float,
+             draw: Draw, generator: torch.Generator) -> None:
+        positions = _masked_positions(masked)
+        ids, logp = draw(predict(tokens, positions), generator)
+        scale = self.noise * (1.0 - done)
+        if scale > 0:
+            u = torch.rand(logp.shape, generator=generator, device=logp.device).clamp_(1e-20, 1.0 - 1e-7)
+            logp = logp + scale * -torch.log(-torch.log(u))
+        keep = torch.topk(logp, reveal, dim=1).indices
+        chosen = positions.gather(1, keep)
+        tokens.scatter_(1, chosen, ids.gather(1, keep))
+        masked.scatter_(1, chosen, False)
+
+
+def make_schedule(name: str, order: str = "random", curve: str = "cosine") -> Schedule:
+    if name == "random":
+        return RandomSchedule(order)
+    if name == "confidence":
+        return ConfidenceSchedule(curve)
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {name!r}")
+
+
+def plan(schedule: Schedule, n_tokens: int, steps: int, n_masked: int) -> list[tuple[int, float]]:
+    """(tokens to reveal, fraction done after it) for each step left, continuing a full-grid schedule
+    from the step whose masked count matches `n_masked` (all of a fresh sample; fewer when inpainting)."""
+    counts = schedule.masked_after(n_tokens, steps)
+    total = len(counts) - 1
+    # The latest step at which at least n_masked tokens were still masked: continue from there.
+    start = max(i for i, c in enumerate(counts) if c >= n_masked)
+    out, before = [], n_masked
+    for i in range(start + 1, total + 1):
+        out.append((before - counts[i], i / total))
+        before = counts[i]
+    return out
+
+
+def reveal(predict: Predict, tokens: torch.Tensor, mask_id: int, schedule: Schedule, steps: int, draw: Draw,
+           generator: torch.Generator, on_step: Callable[[], None] | None = None,
+           n_tokens: int | None = None) -> torch.Tensor:
+    """Run the reverse process on `tokens` (B, N) until no MASK is left; returns the new tokens.
+
+    Every row must hold the same number of MASK ids. `n_tokens` is the grid size the `steps` refer to
+    (default N): the process continues from the step whose masked count matches.
+    """
+    tokens = tokens.clone()
+    masked = tokens == mask_id
+    per_row = masked.sum(1)
+    if per_row.numel() and bool((per_row != per_row[0]).any()):
+        raise ValueError("every row must have the same number of masked tokens")
+    n_masked = int(per_row[0]) if per_row.numel() else 0
+    for count, done in plan(schedule, n_tokens or tokens.shape[1], steps, n_masked):
+        schedule.step(predict, tokens, masked, count, done, draw, generator)
+        if on_step is not None:
+            on_step()
+    return tokens
+
+
+def n_steps(schedule: Schedule, n_tokens: int, steps: int, n_masked: int | None = None) -> int:
+    """How many predictor calls `reveal` will make (for progress bars)."""
+    return len(plan(schedule, n_tokens, steps, n_tokens if n_masked is None else n_masked))
