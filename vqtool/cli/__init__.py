@@ -64,7 +64,7 @@ def _register_commands() -> None:
     # Importing a module registers its commands on `app`.
     import importlib
 
-    for module in ("data", "vq", "prior", "evaluate", "pipeline"):
+    for module in ("data", "vq", "prior", "sample", "evaluate", "pipeline"):
         try:
             importlib.import_module(f"vqtool.cli.{module}")
         except ModuleNotFoundError as exc:
