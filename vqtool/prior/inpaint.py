@@ -1,0 +1,329 @@
+"""Inpainting with the absorbing prior: regenerate the tokens under a mask, keep all the others.
+
+The image is brought to the VQ's size exactly as `prepare` does (centre square crop, resize), encoded
+to tokens, and every token whose cell (the `downsample` × `downsample` pixel block it stands for)
+overlaps the masked region is set to MASK. The reverse process then continues from the step whose
+number of masked tokens matches (vqtool.prior.schedules.plan), so a small hole takes few steps.
+Tokens outside the mask are never touched. `--keep-pixels` pastes the original pixels outside the
+mask back over the decoded result, hiding the VQ's reconstruction error there.
+
+Only the absorbing prior can do this: an autoregressive prior predicts each token from the tokens
+before it in raster order, so it cannot condition on the part of the image below or right of the hole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vqtool.errors import VqtoolError
+from vqtool.prior.sample import (
+    QUANTIZE,
+    Progress,
+    SampleSettings,
+    check_settings,
+    default_labels,
+    make_predictor,
+    quantize_int8,
+    resolve_class,
+)
+from vqtool.prior.schedules import Draw, make_schedule, n_steps, reveal
+from vqtool.prior.store import LoadedPrior
+
+AR_REFUSAL = ("inpainting needs an absorbing prior: an autoregressive prior sees only the tokens before "
+              "each one in raster order, so it cannot use the image below or right of the hole")
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry: from the user's mask to the tokens to regenerate
+
+
+def parse_box(text: str) -> tuple[int, int, int, int]:
+    """'x0,y0,x1,y1' (pixels, x1/y1 exclusive) → a tuple of ints; VqtoolError otherwise."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        box = tuple(int(p) for p in parts)
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise VqtoolError(f"--box {text!r}: expected four integers x0,y0,x1,y1 in pixels")
+    return box  # type: ignore[return-value]
+
+
+def box_mask(box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """A boolean (H, W) pixel mask, True inside the box; `size` is (W, H) like PIL's."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise VqtoolError(f"--box {x0},{y0},{x1},{y1}: must satisfy 0 ≤ x0 < x1 ≤ {w} and 0 ≤ y0 < y1 ≤ {h} "
+                          "(pixels of the input image)")
+    mask = np.zeros((h, w), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def crop_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centre square crop `prepare` uses, as a PIL box (left, top, right, bottom)."""
+    w, h = size
+    side = min(w, h)
+    left, top = round((w - side) * 0.5), round((h - side) * 0.5)
+    return left, top, left + side, top + side
+
+
+def fit_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
+    """A pixel mask of the input image → the VQ-sized square, with the image's crop. A pixel of the
+    result is masked when any part of the input pixels it covers is (area resampling, then > 0)."""
+    from PIL import Image
+
+    h, w = mask.shape
+    if (w, h) == (image_size, image_size):
+        return mask.copy()
+    img = Image.fromarray(mask.astype(np.uint8) * 255, "L")
+    resized = img.resize((image_size, image_size), Image.Resampling.BOX, box=crop_box((w, h)))
+    return np.asarray(resized) > 0
+
+
+def token_mask(pixel_mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(S, S) bool pixel mask → (h, w) bool: True for every token whose cell overlaps the mask."""
+    pooled = F.adaptive_max_pool2d(pixel_mask.float()[None, None], grid)
+    return pooled[0, 0] > 0
+
+
+def cell_mask(tokens_masked: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(h, w) token mask → (S, S) pixel mask of the cells those tokens stand for."""
+    return F.interpolate(tokens_masked.float()[None, None], size=(image_size, image_size), mode="nearest")[0, 0] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The algorithm
+
+
+def inpaint_tokens(prior: LoadedPrior, tokens: torch.Tensor, masked: torch.Tensor, n: int,
+                   settings: SampleSettings, labels: torch.Tensor | None = None,
+                   progress: Progress | None = None) -> torch.Tensor:
+    """n completions (n, h, w) int64 of one token grid `tokens` (h, w) where `masked` (h, w) is True.
+
+    Tokens outside the mask are copied unchanged. The reverse process starts at the step of a
+    `settings.steps`-step schedule over the whole grid whose masked count equals the mask's.
+    """
+    if prior.kind != "absorbing":
+        raise VqtoolError(AR_REFUSAL)
+    if n < 1:
+        raise VqtoolError(f"--n must be at least 1 (got {n})")
+    if tokens.shape != masked.shape or tokens.dim() != 2:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and mask {tuple(masked.shape)} must be the same (h, w)")
+    shape = tuple(tokens.shape)
+    check_settings(dataclasses.replace(settings, shape=shape), prior)
+    model = prior.model
+    device = next(model.parameters()).device
+    mask_id = model.cfg.mask_id
+    n_tokens = shape[0] * shape[1]
+    flat = tokens.reshape(-1).to(device=device, dtype=torch.long)
+    start_state = flat.masked_fill(masked.reshape(-1).to(device), mask_id)
+    schedule = make_schedule(settings.schedule, settings.order, settings.curve)
+    draw = Draw(settings.temperature, settings.top_k, settings.top_p)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    n_masked = int(masked.sum())
+    batches = math.ceil(n / settings.batch_size)
+    total = batches * n_steps(schedule, n_tokens, settings.steps, n_masked)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, settings.batch_size):
+                b = min(settings.batch_size, n - start)
+                batch_labels = labels[start:start + b].to(device) if labels is not None else None
+                predict = make_predictor(model, batch_labels, shape, settings.stride)
+                state = start_state.expand(b, n_tokens).clone()
+                result = reveal(predict, state, mask_id, schedule, settings.steps, draw, generator, tick,
+                                n_tokens=n_tokens)
+                out.append(result.reshape(b, *shape).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class InpaintResult:
+    tokens: torch.Tensor  # (n, h, w) completions
+    masked_tokens: int
+    steps_run: int
+    original: Path
+    overlay: Path
+    completions: list[Path]
+    grid: Path
+    artifact: Path
+    seconds: float
+
+
+def load_image(path: Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image file → ((3, S, S) in [-1, 1] cropped and resized like `prepare`, its original (W, H))."""
+    from PIL import Image, ImageOps
+
+    from vqtool.data.images import ConvertSettings, SkipImage, convert_image
+    from vqtool.grids import from_uint8
+
+    path = Path(path)
+    if not path.is_file():
+        raise VqtoolError(f"{path}: image not found")
+    data = path.read_bytes()
+    try:
+        array, _ = convert_image(data, ConvertSettings(size=image_size, crop="center"))
+        with Image.open(io.BytesIO(data)) as img:
+            size = (ImageOps.exif_transpose(img) or img).size
+    except SkipImage as exc:
+        raise VqtoolError(f"{path}: cannot use this image ({exc})") from None
+    return from_uint8(array), size
+
+
+def load_mask(path: Path, image_wh: tuple[int, int], image_size: int) -> np.ndarray:
+    """A mask PNG (white = regenerate) the size of the input image, or already VQ-sized → (H, W) bool."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise VqtoolError(f"{path}: mask not found")
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("RGBA", "LA") or "transparency" in img.info:
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(background, img)
+            gray = np.asarray(img.convert("L"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise VqtoolError(f"{path}: cannot read the mask ({str(exc).splitlines()[0]})") from None
+    h, w = gray.shape
+    if (w, h) not in (tuple(image_wh), (image_size, image_size)):
+        raise VqtoolError(f"{path}: the mask is {w}x{h}, but the image is {image_wh[0]}x{image_wh[1]}; "
+                          f"draw it at the image's size (or at {image_size}x{image_size})")
+    return gray > 127
+
+
+def overlay(image: torch.Tensor, region: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Tint the pixels of `region` (S, S) red over `image` (3, S, S), to show what gets regenerated."""
+    red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
+    tinted = (1 - alpha) * image + alpha * red
+    return torch.where(region.unsqueeze(0), tinted, image)
+
+
+def inpaint_image(
+    prior_path: Path,
+    vq_path: Path,
+    image_path: Path,
+    out_dir: Path,
+    n: int,
+    settings: SampleSettings,
+    mask_path: Path | None = None,
+    box: tuple[int, int, int, int] | None = None,
+    keep_pixels: bool = False,
+    class_id: int | str | None = None,
+    device: str = "auto",
+    quantize: str = "none",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> InpaintResult:
+    """The `inpaint` stage: n completions of IMAGE under a mask (a PNG or a box), as PNGs.
+
+    Writes out_dir/original.png (the image at the VQ's size), reconstruction.png (its tokens decoded),
+    mask.png (the regenerated token cells tinted red), completion-NN.png, grid.png (all of them in one
+    row), and inpaint.safetensors (the completions' tokens, kind `samples`).
+    """
+    from vqtool.artifacts import file_sha256, read_metadata
+    from vqtool.device import resolve_device
+    from vqtool.grids import save_grid, save_png
+    from vqtool.prior.sample import decode, load_pair
+    from vqtool.samples import save_samples
+
+    if (mask_path is None) == (box is None):
+        raise VqtoolError("pass exactly one of --mask MASK.png or --box x0,y0,x1,y1")
+    if quantize not in QUANTIZE:
+        raise VqtoolError(f"--quantize must be one of {', '.join(QUANTIZE)} (got {quantize!r})")
+    out_dir = Path(out_dir)
+    artifact = out_dir / "inpaint.safetensors"
+    if artifact.exists() and not overwrite:
+        raise VqtoolError(f"{artifact} exists; pass --overwrite to replace it, or choose another --out")
+    if Path(prior_path).exists() and read_metadata(prior_path, "prior-model").config.get("prior") != "absorbing":
+        raise VqtoolError(f"{prior_path}: {AR_REFUSAL}")
+    dev = resolve_device(device)
+    prior, vq = load_pair(prior_path, vq_path, dev)
+    if quantize == "int8":
+        prior = dataclasses.replace(prior, model=quantize_int8(prior.model))
+    size = vq.image_size
+    grid = vq.model.latent_shape(size)
+
+    image, image_wh = load_image(image_path, size)
+    pixels = box_mask(box, image_wh) if box is not None else load_mask(mask_path, image_wh, size)
+    pixels = torch.from_numpy(fit_mask(pixels, size))
+    if not bool(pixels.any()):
+        raise VqtoolError("the mask covers no pixels of the cropped image; mark the region to regenerate "
+                          "in white (--mask) or check the --box coordinates")
+    with torch.inference_mode():
+        tokens = vq.model.encode_to_tokens(image[None].to(dev))[0].cpu()
+    masked = token_mask(pixels, tuple(tokens.shape))
+    if tuple(tokens.shape) != tuple(grid):
+        raise VqtoolError(f"{vq_path}: encoded a {tuple(tokens.shape)} grid, expected {tuple(grid)}")
+    class_id = resolve_class(prior, class_id)
+    labels = default_labels(prior, n, class_id)
+
+    start = time.perf_counter()
+    completions = inpaint_tokens(prior, tokens, masked, n, settings, labels, progress)
+    seconds = time.perf_counter() - start
+    schedule = make_schedule(settings.schedule, settings.order, settings.curve)
+    steps_run = n_steps(schedule, tokens.numel(), settings.steps, int(masked.sum()))
+
+    decoded = decode(vq.model, torch.cat([tokens[None], completions]), settings.batch_size, dev)
+    reconstruction, results = decoded[0], decoded[1:]
+    if keep_pixels:
+        results = torch.where(pixels.unsqueeze(0).unsqueeze(0), results, image.unsqueeze(0))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for old in out_dir.glob("completion-*.png"):
+            old.unlink()
+    original_path, overlay_path = out_dir / "original.png", out_dir / "mask.png"
+    save_png(image, original_path)
+    save_png(reconstruction, out_dir / "reconstruction.png")
+    shown = overlay(image, cell_mask(masked, size))
+    save_png(shown, overlay_path)
+    digits = max(2, len(str(n - 1)))
+    paths = []
+    for i, result in enumerate(results):
+        path = out_dir / f"completion-{i:0{digits}d}.png"
+        save_png(result, path)
+        paths.append(path)
+    grid_path = out_dir / "grid.png"
+    row = torch.cat([image[None], shown[None], results])
+    save_grid(row, grid_path, nrow=min(len(row), 10))
+    record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
+              "class": class_id, "device": dev.type, "box": list(box) if box is not None else None,
+              "mask": str(mask_path) if mask_path is not None else None, "keep_pixels": keep_pixels,
+              "masked_tokens": int(masked.sum()), "steps_run": steps_run}
+    record["shape"] = list(tokens.shape)
+    parents = {"prior": prior.artifact.sha256, "vq": vq.artifact.sha256, "image": file_sha256(image_path)}
+    save_samples(artifact, completions, labels, record, parents=parents, codebook_size=prior.cfg.vocab_size,
+                 extra={"original_tokens": tokens.reshape(-1).tolist(),
+                        "token_mask": masked.reshape(-1).int().tolist(), "seconds": seconds})
+    return InpaintResult(tokens=completions, masked_tokens=int(masked.sum()), steps_run=steps_run,
+                         original=original_path, overlay=overlay_path, completions=paths, grid=grid_path,
+                         artifact=artifact, seconds=seconds)
