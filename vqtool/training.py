@@ -63,7 +63,7 @@ class TrainTask(Protocol):
 @dataclass
 class LoopResult:
     step: int
-    reason: str  # "max-steps", "max-minutes", "interrupted"
+    reason: str  # "max-steps", "max-minutes", "interrupted", "early-stop"
     last_train: dict[str, float]
     last_eval: dict[str, float]
     outputs: list[Path]
@@ -243,6 +243,9 @@ def run_loop(
                     break
                 if stop["requested"]:
                     reason = "interrupted"
+                    break
+                if getattr(task, "finished", False):  # optional: the task decided to stop (early stopping)
+                    reason = "early-stop"
                     break
                 metrics = task.train_step()
                 bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}

@@ -181,15 +181,21 @@ class Transformer(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def forward(self, idx: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, labels: torch.Tensor | None = None, where: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits (B, L, vocab) for every token position of `idx`.
 
         Bidirectional: the logits at i predict token i. Causal: the logits at i predict token i from
         the prefix and tokens < i (the input's last token only conditions nothing it predicts).
+        With `where` (B, L) bool, only the selected positions get logits: (M, vocab) in row-major
+        order, the same rows as `forward(idx, labels)[where]` without computing the others.
         """
         hidden = self.trunk(idx, labels)
         if self.cfg.has_prefix:
             hidden = hidden[:, :-1] if self.cfg.causal else hidden[:, 1:]
+        if where is not None:
+            hidden = hidden[where]
         return self.head(hidden)
 
     # -- incremental decoding (causal only) ---------------------------------------------------------
