@@ -260,3 +260,41 @@ def test_counter_of_labels_is_balanced(tiny_shards):
         for _, y in ShardLoader(tiny_shards, split, batch_size=16, infinite=False):
             labels.update(y.tolist())
     assert labels == Counter({c: 6 for c in range(8)})
+
+
+# --------------------------------------------------------------------------------------------------
+# The shard index
+
+
+def test_header_scan_matches_tarfile_and_falls_back_for_pax(tiny_shards, tmp_path):
+    import io
+    import tarfile
+
+    from vqtool.data.shards import _scan_headers, _scan_with_tarfile, index_shard
+
+    shard = tiny_shards / "train-000000.tar"
+    assert _scan_headers(shard) == _scan_with_tarfile(shard)
+    ours = index_shard(shard)
+    pax = tmp_path / "pax.tar"
+    with tarfile.open(shard) as src, tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as dst:
+        for m in src:
+            m.pax_headers = {"comment": "written by another tool"}
+            dst.addfile(m, src.extractfile(m))
+    assert _scan_headers(pax) is None
+    other = index_shard(pax)
+    assert len(other) == len(ours) == 8
+    assert other.labels.tolist() == ours.labels.tolist() and other.sizes.tolist() == ours.sizes.tolist()
+    with tarfile.open(pax) as t:
+        first = t.getmembers()[0]
+        assert t.extractfile(first).read() == io.BytesIO(pax.read_bytes()).getbuffer()[
+            other.offsets[0] : other.offsets[0] + other.sizes[0]
+        ].tobytes()
+
+
+def test_planning_and_skipping_do_not_read_shards(tiny_shards):
+    loader = ShardLoader(tiny_shards, batch_size=4, shuffle_buffer=3, seed=0)
+    loader.load_state_dict({"batches": 8})  # 32 of 36 samples into epoch 0
+    plan = loader._plan(0, 0)
+    assert sorted(plan.order) == list(range(36)) and loader._index == {}
+    take(loader, 1)
+    assert 1 <= len(loader._index) <= 2  # only the shards holding the next four samples

@@ -12,6 +12,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from vqtool.artifacts import file_sha256
 from vqtool.errors import VqtoolError
 
@@ -21,13 +23,15 @@ def shard_name(split: str, index: int) -> str:
 
 
 @dataclass(frozen=True)
-class SampleRef:
-    """Where one sample's PNG bytes live inside a shard."""
+class ShardIndex:
+    """Where each sample's PNG bytes live inside one shard, in file order (compact numpy columns)."""
 
-    key: str
-    offset: int  # byte offset of the PNG data in the tar file
-    size: int
-    label: int | None
+    offsets: np.ndarray  # int64 byte offset of the PNG data
+    sizes: np.ndarray  # int64 byte length of the PNG data
+    labels: np.ndarray | None  # int64 class index, or None when the shard has no .cls members
+
+    def __len__(self) -> int:
+        return len(self.offsets)
 
 
 class ShardWriter:
@@ -84,36 +88,89 @@ class ShardWriter:
         return self.entries
 
 
-def index_shard(path: Path) -> list[SampleRef]:
-    """Every sample of one shard in file order, with the PNG's byte range and the class index."""
-    refs: list[SampleRef] = []
-    pending: dict[str, dict] = {}
-    order: list[str] = []
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _scan_headers(path: Path) -> list[tuple[str, int, int, bytes]] | None:
+    """(name, data offset, size, data if tiny) of every regular member, reading headers only.
+
+    Returns None for archives that use pax or GNU long-name headers; the caller then uses tarfile.
+    """
+    members = []
+    size_on_disk = path.stat().st_size
+    with open(path, "rb") as f:
+        pos = 0
+        while True:
+            f.seek(pos)
+            header = f.read(512)
+            if len(header) < 512 or header == bytes(512):
+                break
+            kind = header[156:157]
+            if kind in (b"x", b"g", b"L", b"K"):
+                return None
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            if header[257:262] == b"ustar":
+                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
+                if prefix:
+                    name = f"{prefix}/{name}"
+            size = _octal(header[124:136])
+            data_at = pos + 512
+            if data_at + size > size_on_disk:
+                raise ValueError(f"member {name!r} runs past the end of the file (truncated)")
+            if kind in (b"0", b"\0", b"7"):
+                tiny = f.read(size) if size <= 32 else b""
+                members.append((name, data_at, size, tiny))
+            pos = data_at + (size + 511) // 512 * 512
+    return members
+
+
+def _scan_with_tarfile(path: Path) -> list[tuple[str, int, int, bytes]]:
+    members = []
+    with tarfile.open(path, "r:") as tar:
+        for m in tar:
+            if m.isfile():
+                tiny = tar.extractfile(m).read() if m.size <= 32 else b""
+                members.append((m.name, m.offset_data, m.size, tiny))
+    return members
+
+
+def index_shard(path: Path) -> ShardIndex:
+    """Every sample of one shard in file order: PNG byte ranges and class indices."""
     try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                # webdataset's rule: the key is everything before the first dot of the base name.
-                prefix = member.name[: len(member.name) - len(base)]
-                stem, ext = base.split(".", 1)
-                key = prefix + stem
-                if key not in pending:
-                    pending[key] = {}
-                    order.append(key)
-                if ext == "png":
-                    pending[key]["png"] = (member.offset_data, member.size)
-                elif ext == "cls":
-                    pending[key]["cls"] = int(tar.extractfile(member).read().decode("ascii").strip())
+        members = _scan_headers(path)
+        if members is None:
+            members = _scan_with_tarfile(path)
+        samples: dict[str, dict] = {}
+        for name, offset, size, tiny in members:
+            base = name.rsplit("/", 1)[-1]
+            if "." not in base:
+                continue
+            # webdataset's rule: the key is the path up to the first dot of the base name.
+            stem, ext = base.split(".", 1)
+            key = name[: len(name) - len(base)] + stem
+            entry = samples.setdefault(key, {})
+            if ext == "png":
+                entry["png"] = (offset, size)
+            elif ext == "cls":
+                entry["cls"] = int(tiny.decode("ascii").strip())
     except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as exc:
         raise VqtoolError(f"{path}: unreadable shard ({exc}); rerun `vqtool prepare`") from None
-    for key in order:
-        entry = pending[key]
+    offsets, sizes, labels = [], [], []
+    for key, entry in samples.items():
         if "png" not in entry:
             raise VqtoolError(f"{path}: sample {key!r} has no .png member; rerun `vqtool prepare`")
-        offset, size = entry["png"]
-        refs.append(SampleRef(key, offset, size, entry.get("cls")))
-    return refs
+        offsets.append(entry["png"][0])
+        sizes.append(entry["png"][1])
+        labels.append(entry.get("cls", -1))
+    has_labels = any(label >= 0 for label in labels)
+    if has_labels and min(labels) < 0:
+        raise VqtoolError(f"{path}: some samples have a .cls label and some do not; rerun `vqtool prepare`")
+    return ShardIndex(
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(sizes, dtype=np.int64),
+        np.asarray(labels, dtype=np.int64) if has_labels else None,
+    )
