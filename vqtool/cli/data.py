@@ -78,6 +78,7 @@ def _summary_rows(r: PrepareResult) -> list[tuple[str, object]]:
     else:
         rows.append(("skipped", 0))
     rows.append(("throughput", f"{r.images_per_s:,.0f} images/s ({r.seconds:.1f} s, {r.workers} worker(s))"))
+    rows.append(("CPU time", f"{1000 * r.cpu_seconds / max(r.found, 1):.2f} ms per image (all processes)"))
     return rows
 
 

@@ -34,7 +34,7 @@ from vqtool.console import progress
 from vqtool.data import images
 from vqtool.data.images import ConvertSettings, SkipImage
 from vqtool.data.manifest import MANIFEST_KIND, MANIFEST_NAME, MANIFEST_VERSION
-from vqtool.data.shards import ShardWriter
+from vqtool.data.shards import ShardWriter, scan_members
 from vqtool.data.synthetic import SYNTHETIC
 from vqtool.errors import VqtoolError
 
@@ -97,6 +97,7 @@ class PrepareResult:
     shard_files: int
     bytes: int
     seconds: float
+    cpu_seconds: float  # this process and its (joined) workers: robust to other load on the machine
     workers: int
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
 
@@ -144,16 +145,14 @@ def _list_folder(src: Path) -> tuple[list[Candidate], int]:
 def _list_tar(tar_path: Path) -> tuple[list[Candidate], int]:
     found, ignored = [], 0
     try:
-        with tarfile.open(tar_path, "r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                if _is_image_name(m.name):
-                    found.append(Candidate(m.name, str(tar_path), m.offset_data, m.size))
-                else:
-                    ignored += 1
-    except (tarfile.TarError, OSError, EOFError) as exc:
+        members = scan_members(tar_path)
+    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as exc:
         raise VqtoolError(f"{tar_path}: unreadable tar archive ({exc})") from None
+    for name, offset, size, _ in members:
+        if _is_image_name(name):
+            found.append(Candidate(name, str(tar_path), offset, size))
+        else:
+            ignored += 1
     found.sort(key=lambda c: c.name)
     return found, ignored
 
@@ -303,6 +302,7 @@ def _run(
     staging: Path,
     show_progress: bool,
     t0: float,
+    cpu0: float,
 ) -> PrepareResult:
     order, n_val = _split_order(len(candidates), settings.val_fraction, seed)
     items = [
@@ -314,6 +314,7 @@ def _run(
     skipped = list(pre_skipped)
     with progress(transient=not show_progress) as bar:
         task = bar.add_task("prepare", total=len(items), status="", visible=show_progress)
+        done = 0
         for pos, png, digest, reason, detail, synth_label in _results(items, settings, synthetic, seed):
             cand = candidates[order[pos]]
             if png is not None and digest in seen:
@@ -325,7 +326,9 @@ def _run(
                 split = "val" if pos < n_val else "train"
                 label = synth_label if synthetic else labels[order[pos]]
                 writers[split].write(f"{writers[split].count:08d}", png, label)
-            bar.update(task, advance=1, status=f"{len(skipped)} skipped" if skipped else "")
+            done += 1
+            if done % 64 == 0 or done == len(items):  # the bar redraws a few times a second anyway
+                bar.update(task, completed=done, status=f"{len(skipped)} skipped" if skipped else "")
     entries = {split: w.close() for split, w in writers.items()}
     counts = {split: writers[split].count for split in ("train", "val")}
     if counts["train"] + counts["val"] == 0:
@@ -363,9 +366,15 @@ def _run(
         shard_files=sum(len(v) for v in entries.values()),
         bytes=total_bytes,
         seconds=time.perf_counter() - t0,
+        cpu_seconds=_cpu_seconds() - cpu0,
         workers=settings.workers,
         manifest=manifest,
     )
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _staged(out: Path):
@@ -389,7 +398,7 @@ def prepare_images(
     settings.validate()
     src, out = Path(src), Path(out)
     _check_output(out, overwrite)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     staging = _staged(out)
     try:
         candidates, ignored = list_source(src, staging)
@@ -412,7 +421,7 @@ def prepare_images(
         if not candidates:
             raise VqtoolError(f"{src}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
         return _run(out, candidates, ignored, labels, classes, pre_skipped, settings, seed,
-                    str(src), None, staging, show_progress, t0)
+                    str(src), None, staging, show_progress, t0, cpu0)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -435,12 +444,12 @@ def prepare_synthetic(
         raise VqtoolError(f"--count {count}: must be at least 1")
     out = Path(out)
     _check_output(out, overwrite)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     staging = _staged(out)
     try:
         candidates = [Candidate(f"{name}/{i:08d}", "", index=i) for i in range(count)]
         classes = list(SYNTHETIC[name][1])
         return _run(out, candidates, 0, [None] * count, classes, [], settings, seed,
-                    f"synthetic:{name}", name, staging, show_progress, t0)
+                    f"synthetic:{name}", name, staging, show_progress, t0, cpu0)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

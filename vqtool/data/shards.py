@@ -7,14 +7,14 @@ byte offsets, so a loader can skip samples without decoding (or even reading) th
 
 from __future__ import annotations
 
-import io
+import hashlib
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vqtool.artifacts import file_sha256
 from vqtool.errors import VqtoolError
 
 
@@ -34,8 +34,35 @@ class ShardIndex:
         return len(self.offsets)
 
 
+_BLOCK = 512
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header for a regular file (mode 644, owner 0, mtime 0): fixed bytes per (name, size)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100:
+        raise ValueError(f"member name {name!r} is longer than 100 bytes")
+    header = bytearray(_BLOCK)
+    header[0 : len(raw)] = raw
+    header[100:108] = b"0000644\0"
+    header[108:116] = b"0000000\0"
+    header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
+    header[156:157] = b"0"
+    header[257:263] = b"ustar\0"
+    header[263:265] = b"00"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
 class ShardWriter:
-    """Writes `split-NNNNNN.tar` files of at most `shard_size` samples into `folder`."""
+    """Writes `split-NNNNNN.tar` files of at most `shard_size` samples into `folder`.
+
+    Members are written with hand-made ustar headers (this runs in the one process that collects
+    every worker's output, and tarfile's per-member overhead was a measurable share of it).
+    """
 
     def __init__(self, folder: Path, split: str, shard_size: int):
         if shard_size < 1:
@@ -44,26 +71,35 @@ class ShardWriter:
         self.split = split
         self.shard_size = shard_size
         self.entries: list[dict] = []
-        self._tar: tarfile.TarFile | None = None
+        self._file = None
+        self._hash = None
+        self._bytes = 0
         self._in_shard = 0
         self.count = 0
 
     def _open_next(self) -> None:
         self._close_current()
         name = shard_name(self.split, len(self.entries))
-        self._tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)
+        self._file = open(self.folder / name, "wb")
+        self._hash = hashlib.sha256()
+        self._bytes = 0
         self.entries.append({"name": name, "samples": 0, "sha256": "", "bytes": 0})
         self._in_shard = 0
 
+    def _emit(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self._bytes += len(data)
+
     def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o644
-        info.mtime = 0
-        self._tar.addfile(info, io.BytesIO(data))
+        self._emit(ustar_header(name, len(data)))
+        self._emit(data)
+        pad = -len(data) % _BLOCK
+        if pad:
+            self._emit(bytes(pad))
 
     def write(self, key: str, png: bytes, label: int | None) -> None:
-        if self._tar is None or self._in_shard >= self.shard_size:
+        if self._file is None or self._in_shard >= self.shard_size:
             self._open_next()
         self._add(f"{key}.png", png)
         if label is not None:
@@ -73,19 +109,26 @@ class ShardWriter:
         self.count += 1
 
     def _close_current(self) -> None:
-        if self._tar is None:
+        if self._file is None:
             return
-        self._tar.close()
-        self._tar = None
-        entry = self.entries[-1]
-        path = self.folder / entry["name"]
-        entry["bytes"] = path.stat().st_size
-        entry["sha256"] = file_sha256(path)
+        self._emit(bytes(2 * _BLOCK))  # end-of-archive marker
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.entries[-1]["bytes"] = self._bytes
+        self.entries[-1]["sha256"] = self._hash.hexdigest()
 
     def close(self) -> list[dict]:
         """Finish the last shard; return [{name, samples, sha256, bytes}] for the manifest."""
         self._close_current()
         return self.entries
+
+
+def scan_members(path: Path) -> list[tuple[str, int, int, bytes]]:
+    """(name, data offset, size, data when at most 32 bytes) of every regular file in a tar."""
+    members = _scan_headers(path)
+    return _scan_with_tarfile(path) if members is None else members
 
 
 def _octal(field: bytes) -> int:
@@ -112,9 +155,9 @@ def _scan_headers(path: Path) -> list[tuple[str, int, int, bytes]] | None:
             kind = header[156:157]
             if kind in (b"x", b"g", b"L", b"K"):
                 return None
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
             if header[257:262] == b"ustar":
-                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
+                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
                 if prefix:
                     name = f"{prefix}/{name}"
             size = _octal(header[124:136])
@@ -141,9 +184,7 @@ def _scan_with_tarfile(path: Path) -> list[tuple[str, int, int, bytes]]:
 def index_shard(path: Path) -> ShardIndex:
     """Every sample of one shard in file order: PNG byte ranges and class indices."""
     try:
-        members = _scan_headers(path)
-        if members is None:
-            members = _scan_with_tarfile(path)
+        members = scan_members(path)
         samples: dict[str, dict] = {}
         for name, offset, size, tiny in members:
             base = name.rsplit("/", 1)[-1]
