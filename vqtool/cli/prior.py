@@ -1,0 +1,89 @@
+"""`vqtool train-prior`: a thin wrapper over vqtool.prior.train.train_prior."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+
+from vqtool.cli import options, stage_command
+from vqtool.config import load_recipe, merge, parse_overrides
+from vqtool.console import console, summary_table
+from vqtool.runs import RunPaths
+from vqtool.training import Interrupted
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    # `--set prior.n_layer=4` and `--set train_prior.lr=1e-4` name the recipe section; bare keys work too.
+    out = {}
+    for key, value in parse_overrides(items).items():
+        section, _, bare = key.rpartition(".")
+        out[bare if section in ("prior", "train_prior") else key] = value
+    return out
+
+
+@stage_command("train-prior")
+def train_prior_command(
+    run: Path = options.Run,
+    prior: str = typer.Option(None, "--prior", help="absorbing (diffusion, default) or autoregressive."),
+    latents: Path = typer.Option(None, "--latents", help="Latents to train on (default: RUN/latents.safetensors)."),
+    out: Path = typer.Option(
+        None, "--out", help="Prior to write (default: RUN/prior.safetensors); another name keeps its own "
+        "checkpoint and log, e.g. --out RUN/prior-ar.safetensors → checkpoints/train-prior-ar-last.safetensors."),
+    config: Path = options.Config,
+    set_: list[str] = options.Set,
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many optimisation steps in total."),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop after this many minutes of training."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Token grids per step (per process)."),
+    lr: float = typer.Option(None, "--lr", help="Peak AdamW learning rate (after the linear warm-up)."),
+    loss: str = typer.Option(None, "--loss", help="Absorbing prior: reweighted-elbo (default) | elbo | mlm."),
+    mask_schedule: str = typer.Option(None, "--mask-schedule", help="Absorbing prior: random (default) | fixed."),
+    timesteps: int = typer.Option(None, "--timesteps", help="Absorbing prior: diffusion steps T (default 256)."),
+    layers: int = typer.Option(None, "--layers", help="Transformer blocks."),
+    width: int = typer.Option(None, "--width", help="Transformer width (embedding size)."),
+    heads: int = typer.Option(None, "--heads", help="Attention heads."),
+    dropout: float = typer.Option(None, "--dropout", help="Dropout rate."),
+    eval_every: int = typer.Option(None, "--eval-every", help="Validation bound every N steps (best one is kept)."),
+    patience: int = typer.Option(None, "--patience", help="Early stop after N evaluations without improvement."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (1 is often faster on a busy machine)."),
+    compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of this prior."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (fp32 on CPU; mixed precision only on CUDA)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for weights, batches and masks (default 0)."),
+    overwrite: bool = options.Overwrite,
+) -> None:
+    """Train the transformer prior on RUN/latents.safetensors → RUN/prior.safetensors (best validation bound)."""
+    from vqtool.prior.train import TrainPriorConfig, stage_names, train_prior
+
+    recipe = load_recipe(config)
+    cli = dict(prior=prior, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr, loss=loss,
+               mask_schedule=mask_schedule, timesteps=timesteps, n_layer=layers, n_embd=width, n_head=heads,
+               dropout=dropout, eval_every=eval_every, patience=patience, threads=threads, compile=compile_,
+               device=device, seed=seed)
+    cfg = merge(TrainPriorConfig, recipe.get("prior"), recipe.get("train_prior"), _overrides(set_), cli,
+                where="train_prior")
+    paths = RunPaths.of(run)
+    out = out or paths.prior
+    stage = stage_names(paths.prior, out)
+    r = train_prior(latents or paths.latents, cfg, out, paths.checkpoint(stage), paths.log(stage),
+                    resume=resume, overwrite=overwrite)
+    best = "-"
+    if r.best_val_bpt is not None:
+        best = f"{r.best_val_bpt:.4f} bits/token at step {r.best_step}"
+        if r.best_val_bpd is not None:
+            best += f" ({r.best_val_bpd:.4f} bits/dim)"
+    rows = [
+        ("prior", f"{r.prior} ({cfg.prior}, {r.params:,} parameters)"),
+        ("steps", f"{r.steps} ({r.reason})"),
+        ("best val bound", best),
+        ("last train bpt", f"{r.last_train['bpt']:.4f}" if "bpt" in r.last_train else "-"),
+        ("throughput", f"{r.tokens_per_second:,.0f} tokens/s in training steps"),
+        ("time", f"{r.seconds:.1f} s"),
+        ("checkpoint", r.checkpoint),
+        ("log", r.log),
+    ]
+    console.print(summary_table("train-prior", [(k, escape(str(v))) for k, v in rows]))
+    if r.reason == "interrupted":
+        raise Interrupted(f"saved a checkpoint at step {r.steps}; continue with --resume")
