@@ -299,6 +299,7 @@ def inpaint_image(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
+        artifact.unlink(missing_ok=True)
         for old in out_dir.glob("completion-*.png"):
             old.unlink()
     original_path, overlay_path = out_dir / "original.png", out_dir / "mask.png"

@@ -371,23 +371,26 @@ def sample_images(
     tokens = sample_tokens(prior, n, settings, labels, progress)
     seconds = time.perf_counter() - start
 
-    start = time.perf_counter()
-    images = decode(vq.model, tokens, settings.batch_size, dev)
-    decode_seconds = time.perf_counter() - start
-
+    # Decode and write a batch at a time, so memory does not grow with --n.
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
+        # The artifact goes first: while it is absent, the folder is known to be incomplete.
+        artifact.unlink(missing_ok=True)
         for old in out_dir.glob("sample-*.png"):
             old.unlink()
     digits = max(4, len(str(n - 1)))
-    paths = []
-    for i, image in enumerate(images):
-        path = out_dir / f"sample-{i:0{digits}d}.png"
-        save_png(image, path)
-        paths.append(path)
+    paths, shown = [], []
+    start = time.perf_counter()
+    for first in range(0, n, settings.batch_size):
+        images = decode(vq.model, tokens[first:first + settings.batch_size], settings.batch_size, dev)
+        for i, image in enumerate(images, start=first):
+            path = out_dir / f"sample-{i:0{digits}d}.png"
+            save_png(image, path)
+            paths.append(path)
+        shown.extend(images[:max(0, grid_max - len(shown))])
+    decode_seconds = time.perf_counter() - start
     grid = out_dir / "grid.png"
-    shown = images[:grid_max]
-    save_grid(shown, grid, nrow=max(1, math.ceil(math.sqrt(len(shown)))))
+    save_grid(torch.stack(shown), grid, nrow=max(1, math.ceil(math.sqrt(len(shown)))))
     record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
               "class": class_id, "device": dev.type}
     record["shape"] = list(tokens.shape[1:])
