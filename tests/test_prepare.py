@@ -294,3 +294,11 @@ def test_manifest_validation_errors(tiny_run):
     shard.write_bytes(shard.read_bytes()[:-512] + b"\x01" * 512)
     with pytest.raises(VqtoolError, match="sha256"):
         verify_shards(shards)
+
+
+def test_staging_folders_of_killed_runs_are_cleaned_up(tmp_path):
+    dead = tmp_path / ".shards.staging-999999999"  # no such process
+    dead.mkdir()
+    (dead / "train-000000.tar").write_bytes(b"half written")
+    prepare_synthetic(tmp_path / "shards", count=4, settings=quiet(size=8), show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
