@@ -155,7 +155,7 @@ def _sample_windows(
     """Raster-order sampling where each token is predicted inside its window.
 
     On the training grid there is one window, the whole grid, and this is plain autoregressive
-    sampling. The KV cache lives as long as consecutive tokens share a window and follow each other
+    sampling. The KV cache serves as long as consecutive tokens share a window and follow each other
     in the window's raster order; when the window moves, its prefix is fed afresh as one chunk.
     """
     H, W = shape
@@ -182,7 +182,10 @@ def _sample_windows(
             else:
                 context = tokens[:, top:top + wh, left:left + w].reshape(n, -1)[:, :k]
                 if use_cache:
-                    cache = model.new_cache(n, device)
+                    # Entries past `length` are never read, so a moved window reuses the buffers.
+                    if cache is None:
+                        cache = model.new_cache(n, device)
+                    cache.length = 0
                     x = torch.cat([prefix, model.tok_emb(context) + positions[:k]], dim=1)
                     logits = model.decode_step(x, cache)
                 else:
