@@ -44,6 +44,8 @@ def eval_command(
                                                           "vgg16, clip-vit-b-32, dinov2-vit-s-14, …"),
     feature_weights: Path = typer.Option(None, "--feature-weights", help="Weights file of the extractor, passed "
                                                                          "to torch-fidelity (.pth or .safetensors)."),
+    feature_layer: str = typer.Option(None, "--feature-layer", help="Feature layer (default: the extractor's "
+                                                                    "standard one; Inception: 2048)."),
     download: bool = _Download,
     nearest_k: int = typer.Option(None, "--nearest-k", help="PRDC neighbourhood size (default 5)."),
     kid_subsets: int = typer.Option(None, "--kid-subsets", help="KID: random subsets averaged (default 100)."),
@@ -78,7 +80,8 @@ def eval_command(
     recipe = load_recipe(config)
     cli = dict(metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, n=n,
                n_real=n_real, real=real, real_split=real_split, fake=fake, fake_split=fake_split, features=features,
-               feature_weights=_str(feature_weights), download=download, nearest_k=nearest_k,
+               feature_weights=_str(feature_weights), feature_layer=feature_layer, download=download,
+               nearest_k=nearest_k,
                kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, batch_size=batch_size, recon_n=recon_n,
                nll_n=nll_n, lpips_net=lpips_net, lpips_weights=_str(lpips_weights), cache=False if no_cache else None,
                cache_dir=_str(cache_dir), name=name, vq=_str(vq), prior=_str(prior), latents=_str(latents),

@@ -87,14 +87,22 @@ def load_extractor(
     weights: str | Path | None = None,
     device: torch.device | str = "cpu",
     download: bool = True,
+    layer: str | None = None,
 ) -> Extractor:
-    """Build torch-fidelity's extractor `name` with resolved weights, in eval mode on `device`."""
+    """Build torch-fidelity's extractor `name` with resolved weights, in eval mode on `device`.
+
+    `layer` picks another of the extractor's feature layers (torch-fidelity's `feature_layer_fid` option);
+    the default is the extractor's standard layer for FID/KID/PRDC (Inception: the 2048-d pool features).
+    """
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     from torch_fidelity.utils import create_feature_extractor
 
     name = canonical_name(name)
     cls = FEATURE_EXTRACTORS_REGISTRY[name]
-    layer = cls.get_default_feature_layer_for_metric("fid")
+    provided = cls.get_provided_features_list()
+    layer = layer or cls.get_default_feature_layer_for_metric("fid")
+    if layer not in provided:
+        raise VqtoolError(f"--feature-layer {layer!r}: {name} provides {', '.join(provided)}")
     if name.startswith("dinov2"):
         path = _dinov2_checkpoint(name, weights, download)
         kwargs = {}

@@ -43,6 +43,7 @@ class EvalSettings:
     fake_split: str = "train"
     features: str = feats.DEFAULT_EXTRACTOR
     feature_weights: str | None = None
+    feature_layer: str | None = None  # default: the extractor's standard layer (Inception: "2048")
     download: bool = True  # fetch missing weights when online
     nearest_k: int = 5
     kid_subsets: int = 100
@@ -196,7 +197,7 @@ def evaluate(
         wants = set(s.metrics)
         if wants & {*GENERATIVE, "recon"}:
             # Weights first: a missing file should stop the run before any sampling.
-            ev.extractor = feats.load_extractor(s.features, s.feature_weights, dev, s.download)
+            ev.extractor = feats.load_extractor(s.features, s.feature_weights, dev, s.download, s.feature_layer)
             ev.body["features"] = {**ev.extractor.key, "weights_path": str(ev.extractor.weights_path)}
         if wants & set(GENERATIVE):
             _generative(ev, sample)
