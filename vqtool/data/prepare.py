@@ -273,6 +273,15 @@ def _crop_offset(seed: int, index: int, crop: str) -> float:
     return float(np.random.default_rng([seed & 0xFFFFFFFF, index, 0xC0]).random())
 
 
+def _recorded_settings(settings: PrepareSettings, synthetic: str | None) -> dict[str, Any]:
+    d = settings.output_settings()
+    if synthetic:  # rendered at the final size: no crop, no transparency, labels from the generator
+        for key in ("crop", "background", "max_side"):
+            d.pop(key)
+        d["labels"] = "shape class"
+    return d
+
+
 def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise VqtoolError(f"{out}: exists and is not a folder; choose another --out/--run")
@@ -347,7 +356,7 @@ def _run(
         "classes": classes,
         "source": source,
         "seed": seed,
-        "settings": settings.output_settings(),
+        "settings": _recorded_settings(settings, synthetic),
         "found": len(candidates) + len(pre_skipped),
         "ignored": ignored,
         "skipped_counts": dict(sorted(reasons.items())),
