@@ -302,3 +302,17 @@ def test_staging_folders_of_killed_runs_are_cleaned_up(tmp_path):
     (dead / "train-000000.tar").write_bytes(b"half written")
     prepare_synthetic(tmp_path / "shards", count=4, settings=quiet(size=8), show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def test_output_inside_the_source_folder_is_not_read_back(tmp_path):
+    src = tmp_path / "project"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.png").write_bytes(png(noise(i)))
+    (src / ".git").mkdir()
+    (src / ".git" / "x.png").write_bytes(png(noise(9)))
+    out = src / "runs" / "r" / "shards"
+    prepare_images(src, out, quiet(val_fraction=0.0), show_progress=False)
+    (out / "stray.png").write_bytes(png(noise(8)))  # an image inside the old output folder
+    result = prepare_images(src, out, quiet(val_fraction=0.0), overwrite=True, show_progress=False)
+    assert result.found == 3 and result.counts["train"] == 3

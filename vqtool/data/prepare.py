@@ -127,10 +127,12 @@ def _is_tar(path: Path) -> bool:
     return path.is_file() and (path.name.lower().endswith((".tar", ".tar.gz", ".tgz")) or tarfile.is_tarfile(path))
 
 
-def _list_folder(src: Path) -> tuple[list[Candidate], int]:
+def _list_folder(src: Path, skip: Path) -> tuple[list[Candidate], int]:
+    """Image files under `src`, not descending into hidden folders (.git, staging) or into `skip`."""
     found, ignored = [], 0
+    skip = skip.resolve()
     for root, dirs, files in os.walk(src):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() != skip)
         for name in sorted(files):
             path = Path(root) / name
             rel = path.relative_to(src).as_posix()
@@ -167,12 +169,13 @@ def _gunzip(src: Path, dest: Path) -> Path:
     return dest
 
 
-def list_source(src: Path, staging: Path) -> tuple[list[Candidate], int]:
-    """Candidates of a folder or a .tar/.tar.gz (decompressed into `staging`), sorted by name."""
+def list_source(src: Path, staging: Path, out: Path) -> tuple[list[Candidate], int]:
+    """Candidates of a folder (never inside the output folder `out`) or a .tar/.tar.gz (decompressed
+    into `staging`), sorted by name."""
     if not src.exists():
         raise VqtoolError(f"{src}: source not found; give a folder or a .tar/.tar.gz of images")
     if src.is_dir():
-        return _list_folder(src)
+        return _list_folder(src, out)
     if not _is_tar(src):
         raise VqtoolError(f"{src}: not a folder or a .tar/.tar.gz archive")
     with open(src, "rb") as f:
@@ -424,7 +427,7 @@ def prepare_images(
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     staging = _staged(out)
     try:
-        candidates, ignored = list_source(src, staging)
+        candidates, ignored = list_source(src, staging, out)
         labels: list[int | None] = [None] * len(candidates)
         classes: list[str] = []
         pre_skipped: list[dict] = []
