@@ -316,3 +316,13 @@ def test_output_inside_the_source_folder_is_not_read_back(tmp_path):
     (out / "stray.png").write_bytes(png(noise(8)))  # an image inside the old output folder
     result = prepare_images(src, out, quiet(val_fraction=0.0), overwrite=True, show_progress=False)
     assert result.found == 3 and result.counts["train"] == 3
+
+
+def test_two_workers_read_a_tar_like_one(tmp_path):
+    members = {f"imgs/{i:03d}.png": png(noise(i, 12)) for i in range(70)}
+    members["imgs/070.png"] = members["imgs/003.png"]  # a duplicate, found across worker processes
+    src = _tar_of(tmp_path / "src.tar", members, gz=False)
+    one = prepare_images(src, tmp_path / "w1", quiet(size=8, workers=1), show_progress=False)
+    two = prepare_images(src, tmp_path / "w2", quiet(size=8, workers=2), show_progress=False)
+    assert one.manifest["shard_files"] == two.manifest["shard_files"]
+    assert one.skipped == two.skipped == {"duplicate": 1}
