@@ -26,7 +26,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     # torch-fidelity reads Inception weights only in PyTorch's own format, so this file is a torch.save.
-    return features.write_random_weights(tmp_path_factory.mktemp("weights") / "inception-random.pth", seed=0)
+    # One file per test session, shared by the eval test modules (it is ~100 MB).
+    path = tmp_path_factory.getbasetemp() / "eval-inception-random.pth"
+    return path if path.exists() else features.write_random_weights(path, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,8 @@ def eval_command(
     batch_size: int = typer.Option(None, "--batch-size", help="Images per feature-extraction batch (default 50)."),
     recon_n: int = typer.Option(None, "--recon-n", help="recon: val images (default: min(--n, val size))."),
     nll_n: int = typer.Option(None, "--nll-n", help="nll: images per split (default: min(--n, split size))."),
+    nll_samples: int = typer.Option(None, "--nll-samples", help="nll, absorbing prior: t draws per image for the "
+                                                                "ELBO (default: the prior's setting)."),
     lpips_net: str = typer.Option(None, "--lpips-net", help="recon LPIPS backbone: alex | vgg | squeeze."),
     lpips_weights: Path = _LpipsWeights,
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the real-feature cache."),
@@ -81,11 +83,10 @@ def eval_command(
     cli = dict(metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, n=n,
                n_real=n_real, real=real, real_split=real_split, fake=fake, fake_split=fake_split, features=features,
                feature_weights=_str(feature_weights), feature_layer=feature_layer, download=download,
-               nearest_k=nearest_k,
-               kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, batch_size=batch_size, recon_n=recon_n,
-               nll_n=nll_n, lpips_net=lpips_net, lpips_weights=_str(lpips_weights), cache=False if no_cache else None,
-               cache_dir=_str(cache_dir), name=name, vq=_str(vq), prior=_str(prior), latents=_str(latents),
-               shards=_str(shards))
+               nearest_k=nearest_k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, batch_size=batch_size,
+               recon_n=recon_n, nll_n=nll_n, nll_samples=nll_samples, lpips_net=lpips_net,
+               lpips_weights=_str(lpips_weights), cache=False if no_cache else None, cache_dir=_str(cache_dir),
+               name=name, vq=_str(vq), prior=_str(prior), latents=_str(latents), shards=_str(shards))
     settings = merge(EvalSettings, dict(recipe.get("eval") or {}), parse_overrides(set_), cli, where="eval")
     sample = _sample(recipe, dict(steps=steps, temperature=temperature, schedule=schedule, top_k=top_k,
                                   top_p=top_p, batch_size=sample_batch_size, seed=seed))

@@ -29,6 +29,7 @@ DEFAULT_EXTRACTOR = "inception-v3-compat"
 ALIASES = {"inception": "inception-v3-compat", "inception-v3": "inception-v3-compat"}
 
 _HUB = "the torch hub cache"
+_checked: set[str] = set()  # sha256 of weights files already proven to hold only tensors, in this process
 
 
 def _inception_weights() -> WeightsFile:
@@ -120,11 +121,12 @@ def load_extractor(
             # torch-fidelity unpickles this file without restrictions; proving it loads with the tensors-only
             # unpickler first means nothing but tensors can come out of it. It reads only PyTorch's format,
             # so a .safetensors file is handed over as a temporary copy in that format.
-            state = pretrained.load_state_dict(path, spec)
             if path.suffix == ".safetensors":
                 kwargs["feature_extractor_weights_path"] = str(Path(tmp) / "weights.pth")
-                torch.save(state, kwargs["feature_extractor_weights_path"])
-            del state
+                torch.save(pretrained.load_state_dict(path, spec), kwargs["feature_extractor_weights_path"])
+            elif file_sha256(path) not in _checked:
+                pretrained.load_state_dict(path, spec)
+                _checked.add(file_sha256(path))
         try:
             with redirect_stdout(sys.stderr), warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -159,13 +159,14 @@ def memorisation_verdict(sample_nearest: torch.Tensor, val_nearest: torch.Tensor
     summary = (f"{len(flagged)} of {len(s)} samples ({frac:.0%}) are closer to a training image than the "
                f"{percentile:g}th percentile of val images ({threshold:.4g}); expected {expected:.0%}, "
                f"binomial p = {p_value:.3g}")
+    copies_text = (f"sample(s) {', '.join(map(str, copies))} are closer to a training image than every val image "
+                   f"({val_min:.4g}); look at them in the grid")
     if p_value < alpha:
         verdict = "memorisation"
-        message = f"memorisation: {summary}"
+        message = f"memorisation: {summary}" + (f"; {copies_text}" if copies else "")
     elif copies:
         verdict = "possible copies"
-        message = (f"possible copies: sample(s) {', '.join(map(str, copies))} are closer to a training image than "
-                   f"every val image ({val_min:.4g}); look at them in the grid. {summary}")
+        message = f"possible copies: {copies_text}. {summary}"
     else:
         verdict = "no sign of memorisation"
         message = f"no sign of memorisation: {summary}"

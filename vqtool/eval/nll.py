@@ -51,8 +51,12 @@ def likelihood(
     batch_size: int,
     seed: int,
     progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
+    nll_samples: int | None = None,
 ) -> NllResult:
-    """Per-image NLL of the first `n` images (all when None or more) of each latents split."""
+    """Per-image NLL of the first `n` images (all when None or more) of each latents split.
+
+    Each split starts from a generator seeded with `seed`, so its numbers do not depend on the other split.
+    """
     from vqtool.prior.likelihood import dataset_nll
 
     h, w = latents.latent_shape
@@ -69,5 +73,6 @@ def likelihood(
         labels = None if split.labels is None or prior.cfg.n_classes == 0 else split.labels[:count]
         generator = torch.Generator(device=device).manual_seed(seed)
         callback = progress(name) if progress is not None else None
-        result.per_image[name] = dataset_nll(prior, tokens, labels, batch_size, generator, callback).double().cpu()
+        result.per_image[name] = dataset_nll(prior, tokens, labels, batch_size, generator, callback,
+                                          nll_samples).double().cpu()
     return result

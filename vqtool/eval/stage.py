@@ -51,6 +51,7 @@ class EvalSettings:
     batch_size: int = 50
     recon_n: int | None = None  # val images for recon (default: min(n, val size))
     nll_n: int | None = None  # images per split for nll (default: min(n, split size))
+    nll_samples: int | None = None  # absorbing ELBO: t draws per image (default: the prior's setting)
     lpips_net: str = "alex"
     lpips_weights: str | None = None
     cache: bool = True  # keep real-set features in a `features` artifact
@@ -66,7 +67,8 @@ class EvalSettings:
         if unknown or not self.metrics:
             raise VqtoolError(f"--metrics {','.join(self.metrics)}: choose from {','.join(METRICS)}")
         for opt, value in (("--n", self.n), ("--n-real", self.n_real), ("--recon-n", self.recon_n),
-                           ("--nll-n", self.nll_n), ("--batch-size", self.batch_size)):
+                           ("--nll-n", self.nll_n), ("--nll-samples", self.nll_samples),
+                           ("--batch-size", self.batch_size)):
             if value is not None and value < 1:
                 raise VqtoolError(f"{opt} {value}: must be at least 1")
         if self.nearest_k < 1:
@@ -312,7 +314,7 @@ def _nll(ev: _Eval) -> None:
     ev.parents["prior"] = prior.artifact.sha256
     ev.parents["latents"] = latents.artifact.sha256
     result = likelihood(prior, latents, ev.s.nll_n or ev.s.n, ev.s.batch_size, ev.seed,
-                        lambda split: ev.bars.fraction(f"nll: {split}"))
+                        lambda split: ev.bars.fraction(f"nll: {split}"), ev.s.nll_samples)
     ev.metrics.update(result.metrics())
     ev.body["nll"] = {"bound": result.bound, "prior": prior.kind,
                       "n": {k: int(v.numel()) for k, v in result.per_image.items()},
