@@ -165,7 +165,7 @@ def kmeans(data: torch.Tensor, k: int, generator: torch.Generator, iters: int = 
 
 def _distances(data: torch.Tensor, centres: torch.Tensor, spherical: bool) -> torch.Tensor:
     if spherical:
-        return 1 - data @ centres.t()
+        return (1 - data @ centres.t()).clamp(min=0)
     return (data.pow(2).sum(1, keepdim=True) - 2 * data @ centres.t() + centres.pow(2).sum(1)[None]).clamp(min=0)
 
 

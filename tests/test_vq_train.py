@@ -1,0 +1,145 @@
+"""train-vq end to end on the tiny synthetic shards: exact resume, outputs, refusals, NaN stop."""
+
+import json
+
+import pytest
+import torch
+
+from vqtool.artifacts import load_artifact, read_metadata
+from vqtool.errors import VqtoolError
+from vqtool.runs import RunPaths
+from vqtool.vq.model import VQConfig
+from vqtool.vq.store import load_vq
+from vqtool.vq.train import TrainVQConfig, VQTrainer, train_vq
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: a second thread only adds synchronisation, which is costly on shared busy cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_vq(**kw) -> VQConfig:
+    base = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=8, codebook_size=16,
+                code_dim=4, restart_threshold=0.5, usage_decay=0.5)
+    base.update(kw)
+    return VQConfig(**base)
+
+
+def tiny_train(**kw) -> TrainVQConfig:
+    # disc_start 3: the discriminator, DiffAugment and the adaptive weight run inside the resume window.
+    base = dict(batch_size=4, perceptual="none", disc_start=3, disc_layers=2, disc_ch=8, kmeans_batches=2,
+                shuffle_buffer=8, log_every=1, eval_every=3, checkpoint_every=3, eval_images=8, grid_images=4,
+                ema_decay=0.9)
+    base.update(kw)
+    return TrainVQConfig(**base)
+
+
+def train_losses(run) -> list[dict]:
+    lines = RunPaths.of(run).log("train-vq").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def strip_time(records):
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def test_exact_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    a = train_vq(full, tiny_vq(), tiny_train(max_steps=6), seed=3, device="cpu", shards=tiny_shards)
+    assert a.step == 6 and a.reason == "max-steps"
+    train_vq(half, tiny_vq(), tiny_train(max_steps=3), seed=3, device="cpu", shards=tiny_shards)
+    b = train_vq(half, tiny_vq(), tiny_train(max_steps=6), seed=3, device="cpu", shards=tiny_shards, resume=True)
+    assert b.step == 6
+    la, lb = strip_time(train_losses(full)), strip_time(train_losses(half))
+    assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
+    assert la == lb  # every logged loss, bit for bit, including the discriminator's
+    assert any("d_loss" in r and "disc_weight" in r for r in la[2:])
+    wa = load_artifact(RunPaths.of(full).vq, "vq-model").tensors
+    wb = load_artifact(RunPaths.of(half).vq, "vq-model").tensors
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_outputs_artifact_and_contracts(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    r = train_vq(run, tiny_vq(), tiny_train(max_steps=3), seed=0, device="cpu", shards=tiny_shards)
+    paths = RunPaths.of(run)
+    meta = read_metadata(paths.vq, "vq-model")
+    assert meta.parents == {"dataset": json.loads(json.dumps(meta.parents))["dataset"]}
+    assert meta.config["model"]["resolution"] == 16 and meta.config["train"]["batch_size"] == 4
+    assert meta.extra["image_size"] == 16 and meta.extra["latent_shape"] == [8, 8]
+    cb = meta.extra["codebook"]
+    assert 0 < cb["usage"] <= 1 and 1 <= cb["perplexity"] <= 16
+    assert meta.extra["val"]["psnr"] > 0
+    names = meta.extra["_tensors"]
+    assert any(k.startswith("ema.") for k in names) and any(k.startswith("model.") for k in names)
+    assert r.grid is not None and r.grid.exists() and r.grid.parent == paths.figures("train-vq")
+    assert paths.checkpoint("train-vq").exists()
+
+    vq = load_vq(paths.vq)
+    assert not vq.model.training
+    assert vq.model.codebook_size == 16 and vq.model.downsample == 2 and vq.model.latent_shape(16) == (8, 8)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        tokens = vq.model.encode_to_tokens(x)
+        assert tokens.shape == (2, 8, 8) and tokens.dtype == torch.int64
+        assert vq.model.decode_tokens(tokens).shape == (2, 3, 16, 16)
+    raw = load_vq(paths.vq, weights="model")
+    assert not torch.equal(raw.model.decoder.conv_out.weight, vq.model.decoder.conv_out.weight)
+    with pytest.raises(VqtoolError, match="--weights"):
+        load_vq(paths.vq, weights="best")
+
+    # a second run into the same folder needs --overwrite or --resume
+    with pytest.raises(VqtoolError, match="--overwrite"):
+        train_vq(run, tiny_vq(), tiny_train(max_steps=3), device="cpu", shards=tiny_shards)
+    # resuming with a different model shape is refused with the setting named
+    with pytest.raises(VqtoolError, match="model"):
+        train_vq(run, tiny_vq(codebook_size=32), tiny_train(max_steps=4), device="cpu", shards=tiny_shards,
+                 resume=True)
+
+
+def test_kmeans_init_happens_once_and_codes_land_on_encoder_outputs(tiny_shards, tmp_path):
+    task = VQTrainer(tiny_vq(restart_threshold=0.0), tiny_train(), tiny_shards, tmp_path / "vq.safetensors",
+                     tmp_path / "fig", seed=0)
+    before = task.model.quantizer.embedding.detach().clone()
+    task.train_step()
+    q = task.model.quantizer
+    assert int(q.initialized) == 1
+    assert not torch.allclose(before, q.embedding.detach())
+    # the EMA copy took the k-means codebook at once instead of averaging it with the random one
+    assert torch.allclose(task.ema.shadow["quantizer.embedding"], q.embedding.detach(), atol=0.2)
+    assert int(task.ema.shadow["quantizer.initialized"]) == 1
+    after_first = q.embedding.detach().clone()
+    task.train_step()
+    assert (q.embedding.detach() - after_first).abs().max() < 0.05  # an Adam step, not a second k-means
+
+
+def test_bad_settings_are_one_line_errors(tiny_shards, tmp_path):
+    with pytest.raises(VqtoolError, match="disc_layers"):
+        VQTrainer(tiny_vq(), tiny_train(disc_layers=3), tiny_shards, tmp_path / "v", tmp_path / "f")
+    with pytest.raises(VqtoolError, match="resolution"):
+        VQTrainer(tiny_vq(resolution=32), tiny_train(), tiny_shards, tmp_path / "v", tmp_path / "f")
+    with pytest.raises(VqtoolError, match="divisible"):
+        VQTrainer(tiny_vq(ch_mult=[1, 1, 1, 1, 1, 1]), tiny_train(), tiny_shards, tmp_path / "v", tmp_path / "f")
+    with pytest.raises(VqtoolError, match="diffaug"):
+        VQTrainer(tiny_vq(), tiny_train(diffaug=["rotate"]), tiny_shards, tmp_path / "v", tmp_path / "f")
+    with pytest.raises(VqtoolError, match="perceptual"):
+        VQTrainer(tiny_vq(), tiny_train(perceptual="lpips"), tiny_shards, tmp_path / "v", tmp_path / "f")
+    with pytest.raises(VqtoolError, match="shards folder not found"):
+        train_vq(tmp_path / "empty", tiny_vq(), tiny_train(max_steps=1), device="cpu")
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    train_vq(run, tiny_vq(), tiny_train(max_steps=3), seed=0, device="cpu", shards=tiny_shards)
+    ckpt = RunPaths.of(run).checkpoint("train-vq")
+    before = ckpt.read_bytes()
+    # an absurd learning rate makes the losses blow up to inf/NaN within a few steps
+    with pytest.raises(VqtoolError, match="became"):
+        train_vq(run, tiny_vq(), tiny_train(max_steps=40, lr=1e30, checkpoint_every=1000), seed=0, device="cpu",
+                 shards=tiny_shards, resume=True)
+    assert ckpt.read_bytes() == before

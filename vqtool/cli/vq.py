@@ -1,0 +1,181 @@
+"""`vqtool train-vq`, `encode`, `reconstruct` and `decode`: thin wrappers over vqtool.vq stage functions."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+
+from vqtool.cli import options, stage_command
+from vqtool.config import load_recipe, merge, parse_overrides
+from vqtool.console import console, summary_table
+from vqtool.errors import VqtoolError
+from vqtool.training import Interrupted
+from vqtool.vq.model import VQConfig
+from vqtool.vq.train import TrainVQConfig
+
+Threads = typer.Option(
+    0, "--threads", help="CPU threads for torch (0 = torch's default). 1 is fastest on a busy shared machine.")
+Weights = typer.Option("ema", "--weights", help="Which weights of vq.safetensors to use: ema or model (raw).")
+VQPath = typer.Option(None, "--vq", help="VQ model to use (default: RUN/vq.safetensors).")
+
+
+def split_overrides(items: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--set` items → (vq overrides, train_vq overrides). Keys may be prefixed `vq.` or `train_vq.`;
+    bare keys go to whichever section has that setting."""
+    vq_keys = {f.name for f in dataclasses.fields(VQConfig)}
+    train_keys = {f.name for f in dataclasses.fields(TrainVQConfig)}
+    vq, train = {}, {}
+    for key, value in parse_overrides(items).items():
+        section, _, bare = key.rpartition(".")
+        if section == "vq" or (not section and bare in vq_keys):
+            vq[bare] = value
+        elif section == "train_vq" or (not section and bare in train_keys):
+            train[bare] = value
+        else:
+            raise VqtoolError(
+                f"--set {key}: unknown setting; vq settings: {', '.join(sorted(vq_keys))}; "
+                f"train_vq settings: {', '.join(sorted(train_keys))}"
+            )
+    return vq, train
+
+
+def _set_threads(threads: int) -> None:
+    if threads < 0:
+        raise VqtoolError(f"--threads {threads}: must be 0 (default) or more")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _rows(d: dict[str, Any] | None, fmt: str = "{:.4g}") -> str:
+    if not d:
+        return "-"
+    return ", ".join(f"{k} {fmt.format(v) if isinstance(v, float) else v}" for k, v in d.items())
+
+
+@stage_command("train-vq")
+def train_vq_command(
+    run: Path = options.Run,
+    config: Path = options.Config,
+    set_: list[str] = options.Set,
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many optimisation steps in total."),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop after this many minutes of training."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per step (per process)."),
+    lr: float = typer.Option(None, "--lr", help="Adam learning rate of the autoencoder (and discriminator)."),
+    perceptual: str = typer.Option(None, "--perceptual", help="lpips-vgg | lpips-alex | none."),
+    perceptual_weights: Path = typer.Option(
+        None, "--perceptual-weights",
+        help="Backbone weights for --perceptual (torchvision .pth or .safetensors); default: torch hub cache."),
+    disc_start: int = typer.Option(None, "--disc-start", help="Step at which the discriminator joins."),
+    disc_weight_max: float = typer.Option(None, "--disc-weight-max", help="Clamp of the adaptive GAN weight."),
+    eval_every: int = typer.Option(None, "--eval-every", help="Validate and write a PNG grid every N steps."),
+    shards: Path = typer.Option(None, "--shards", help="Shards folder (default: RUN/shards)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN/checkpoints/train-vq-last.safetensors."),
+    device: str = options.Device,
+    threads: int = Threads,
+    seed: int = options.Seed,
+    overwrite: bool = options.Overwrite,
+) -> None:
+    """Train the VQGAN codebook model on RUN/shards → RUN/vq.safetensors (EMA + raw weights, codebook stats)."""
+    from vqtool.vq.train import train_vq
+
+    _set_threads(threads)
+    recipe = load_recipe(config)
+    vq_set, train_set = split_overrides(set_)
+    cli = dict(max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr, perceptual=perceptual,
+               perceptual_weights=str(perceptual_weights) if perceptual_weights else None, disc_start=disc_start,
+               disc_weight_max=disc_weight_max, eval_every=eval_every)
+    vq_cfg = merge(VQConfig, recipe.get("vq"), vq_set, where="vq")
+    cfg = merge(TrainVQConfig, recipe.get("train_vq"), train_set, cli, where="train_vq")
+    if cfg.max_steps is None and cfg.max_minutes is None:
+        raise VqtoolError("give --max-steps or --max-minutes (or set train_vq.max_steps in the recipe)")
+    r = train_vq(run, vq_cfg, cfg, seed=seed, device=device, resume=resume, overwrite=overwrite, shards=shards)
+    rows = [
+        ("output", r.output),
+        ("steps", f"{r.step} ({r.reason})"),
+        ("speed", f"{r.steps_per_s:.2f} steps/s on {r.device} ({r.steps_this_session} steps, {r.seconds:.0f} s)"),
+        ("val PSNR", f"{r.val.get('psnr', float('nan')):.2f} dB"),
+        ("val L1", f"{r.val.get('l1', float('nan')):.4f}"),
+        ("codebook usage", f"{100 * r.val.get('usage', 0):.1f}% of codes, perplexity {r.val.get('perplexity', 0):.1f}"),
+        ("grid", r.grid or "-"),
+        ("log", Path(run) / "train-vq.jsonl"),
+    ]
+    console.print(summary_table("train-vq", [(k, escape(str(v))) for k, v in rows]))
+    if r.reason == "interrupted":
+        raise Interrupted(f"saved a checkpoint at step {r.step}; continue with --resume")
+
+
+@stage_command("encode")
+def encode_command(
+    run: Path = options.Run,
+    vq: Path = VQPath,
+    shards: Path = typer.Option(None, "--shards", help="Shards folder to encode (default: RUN/shards)."),
+    out: Path = typer.Option(None, "--out", help="Latents file to write (default: RUN/latents.safetensors)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    weights: str = Weights,
+    device: str = options.Device,
+    threads: int = Threads,
+    overwrite: bool = options.Overwrite,
+) -> None:
+    """Encode the train and val shards into token grids → RUN/latents.safetensors (parents: vq, dataset)."""
+    from vqtool.vq.encode import encode_dataset
+
+    _set_threads(threads)
+    r = encode_dataset(run, vq, shards, out, batch_size=batch_size, device=device, overwrite=overwrite,
+                       weights=weights)
+    rows = [
+        ("output", r.output),
+        ("status", "up to date (same VQ and data); nothing encoded" if r.reused else "encoded"),
+        ("images", ", ".join(f"{n:,} {s}" for s, n in r.counts.items())),
+        ("token grid", f"{r.latent_shape[0]}×{r.latent_shape[1]} of {r.codebook_size} codes"),
+        ("vq sha256", r.vq_sha256[:16] + "…"),
+    ]
+    if not r.reused:
+        rows.append(("throughput", f"{r.images_per_s:,.0f} images/s ({r.seconds:.1f} s)"))
+        rows.append(("codes used", _rows({s: 100 * u for s, u in r.usage.items()}, "{:.1f}%")))
+    console.print(summary_table("encode", [(k, escape(str(v))) for k, v in rows]))
+
+
+@stage_command("reconstruct")
+def reconstruct_command(
+    images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
+    run: Path = options.Run,
+    vq: Path = VQPath,
+    out: Path = typer.Option(None, "--out", help="Folder for the PNGs (default: RUN/reconstructions)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    weights: str = Weights,
+    device: str = options.Device,
+) -> None:
+    """Images → centre-crop to the VQ's size → encode → decode → one PNG each + comparison.png."""
+    from vqtool.vq.encode import reconstruct_images
+
+    r = reconstruct_images(run, images, vq, out, batch_size=batch_size, device=device, weights=weights)
+    rows = [("images", r.count), ("output", r.out_dir), ("comparison", r.grid), ("mean PSNR", f"{r.psnr:.2f} dB")]
+    console.print(summary_table("reconstruct", [(k, escape(str(v))) for k, v in rows]))
+
+
+@stage_command("decode")
+def decode_command(
+    source: Path = typer.Argument(
+        None, help="A latents or samples artifact (default: RUN/samples/samples.safetensors, else RUN/latents)."),
+    run: Path = options.Run,
+    vq: Path = VQPath,
+    out: Path = typer.Option(None, "--out", help="Folder for the PNGs (default: RUN/decoded)."),
+    split: str = typer.Option("val", "--split", help="Which split of a latents artifact: train or val."),
+    limit: int = typer.Option(64, "--limit", help="Decode at most this many grids."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Grids per forward pass."),
+    weights: str = Weights,
+    device: str = options.Device,
+) -> None:
+    """Token grids (latents or samples artifact) → PNG images and grid.png, checking they were made by this VQ."""
+    from vqtool.vq.encode import decode_artifact
+
+    r = decode_artifact(run, source, vq, out, split=split, limit=limit, batch_size=batch_size, device=device,
+                        weights=weights)
+    rows = [("source", f"{r.source} ({r.kind})"), ("images", len(r.files)), ("output", r.out_dir), ("grid", r.grid)]
+    console.print(summary_table("decode", [(k, escape(str(v))) for k, v in rows]))
