@@ -31,9 +31,9 @@ def split_overrides(items: list[str] | None) -> tuple[dict[str, Any], dict[str, 
     vq, train = {}, {}
     for key, value in parse_overrides(items).items():
         section, _, bare = key.rpartition(".")
-        if section == "vq" or (not section and bare in vq_keys):
+        if section in ("", "vq") and bare in vq_keys:
             vq[bare] = value
-        elif section == "train_vq" or (not section and bare in train_keys):
+        elif section in ("", "train_vq") and bare in train_keys:
             train[bare] = value
         else:
             raise VqtoolError(
