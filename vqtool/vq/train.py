@@ -243,6 +243,16 @@ class VQTrainer:
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+    # Per-rank state for multi-process runs: each rank augments with its own generator stream.
+    def rank_state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_rank_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:  # a rank the checkpoint did not have: a fresh stream of its own
+            self.generator.manual_seed(self.seed * 1000 + 17 + self.proc.rank + 7919 * self.step)
+        else:
+            self.generator.set_state(state["generator"])
+
     def _next_batch(self) -> torch.Tensor:
         if self._batches is None:
             self._batches = iter(self.loader)
@@ -302,13 +312,15 @@ class VQTrainer:
         restarted = 0
         if self.vq_cfg.restart_threshold > 0:
             dead = q.restart_dead(out.vectors, self.generator, self.vq_cfg.restart_threshold)
-            restarted = int(dead.numel())
             if self.proc.distributed:
-                # Ranks saw different batches: rank 0's codebook and usage become everyone's.
-                dist.broadcast(q.embedding.data, 0)
-                dist.broadcast(q.usage, 0)
-                self._sync_codebook_into_ema(None)
-            elif restarted:
+                # Ranks saw different batches: rank 0's restarts, codebook and usage become everyone's.
+                mask = torch.zeros(q.codebook_size, dtype=torch.uint8, device=q.usage.device)
+                mask[dead.to(mask.device)] = 1
+                for t in (mask, q.embedding.data, q.usage):
+                    dist.broadcast(t, 0)
+                dead = torch.nonzero(mask).flatten()
+            restarted = int(dead.numel())
+            if restarted:
                 self._sync_codebook_into_ema(dead)
 
         self.step += 1
