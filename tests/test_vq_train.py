@@ -143,3 +143,16 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path):
         train_vq(run, tiny_vq(), tiny_train(max_steps=40, lr=1e30, checkpoint_every=1000), seed=0, device="cpu",
                  shards=tiny_shards, resume=True)
     assert ckpt.read_bytes() == before
+
+
+def test_train_step_with_perceptual_loss_random_vgg_backbone(tiny_shards, tmp_path):
+    from vqtool.vq.perceptual import Perceptual, build_lpips
+
+    task = VQTrainer(tiny_vq(), tiny_train(disc_start=1), tiny_shards, tmp_path / "v", tmp_path / "f")
+    task.perceptual = Perceptual(build_lpips("lpips-vgg"))  # same architecture, random weights: no download
+    frozen = {k: v.clone() for k, v in task.perceptual.state_dict().items()}
+    metrics = task.train_step()
+    assert {"lpips", "g_loss", "d_loss", "disc_weight"} <= set(metrics)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert metrics["lpips"] > 0
+    assert all(torch.equal(frozen[k], v) for k, v in task.perceptual.state_dict().items())  # never trained
