@@ -248,6 +248,10 @@ def test_cli_trains_both_priors_into_one_run(tmp_path):
     assert prior.artifact.parents["vq"] == VQ_SHA
     assert (run / "checkpoints" / "train-prior-last.safetensors").exists()
     assert len(records(run / "train-prior.jsonl", "val")) == 2
+    from vqtool.prior.sample import SampleSettings, sample_tokens
+
+    drawn = sample_tokens(prior, 3, SampleSettings(steps=4, batch_size=3), torch.tensor([0, 1, 2]))
+    assert drawn.shape == (3, 4, 4) and 0 <= int(drawn.min()) and int(drawn.max()) < 16  # no MASK left
 
     ar = ["train-prior", "--run", str(run), "--max-steps", "2", "--layers", "1", "--width", "16", "--heads", "2",
           "--eval-every", "2", "--threads", "1", "--device", "cpu", "--set", "batch_size=8",
