@@ -5,13 +5,17 @@ width 256, 8 heads, 1024 codes), randomly initialised (speed does not depend on 
 paths draw from the same seed, so the script also checks they give identical tokens. Absolute times
 drift on shared machines; the ratio is the number to read.
 
-    python benchmarks/ar_sampling.py                 # the issue's benchmark (≈1-2 minutes on 2 cores)
+    python benchmarks/ar_sampling.py                 # the issue's benchmark (the recompute takes minutes)
     python benchmarks/ar_sampling.py --shape 24 24   # sliding-window sampling of a larger grid
+
+On oversubscribed cores (other jobs running), torch's OpenMP threads spin-wait at every one of the
+cached path's many small operations; run with `--threads 1` or `OMP_WAIT_POLICY=PASSIVE` there.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -45,7 +49,7 @@ def main() -> None:
     parser.add_argument("--codes", type=int, default=1024)
     parser.add_argument("--cached-repeats", type=int, default=3, help="cached runs (median is reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both paths "
-                        "(default: torch's); on oversubscribed cores 1 thread avoids spin-wait stalls")
+                        "(default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -58,7 +62,8 @@ def main() -> None:
                             n_head=args.heads, n_embd=args.width, causal=True)
     model = Transformer(cfg).to(device).eval()
     shape = tuple(args.shape) if args.shape else cfg.grid
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"transformer: {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, {cfg.vocab_size} codes, "
           f"grid {cfg.grid[0]}x{cfg.grid[1]}; sampling {args.samples} x {shape[0]}x{shape[1]} tokens", flush=True)
 
