@@ -5,10 +5,17 @@ its state as a nested dict. This module owns everything around that, so the guar
 once: checkpoints are atomic safetensors, resume restores model, optimizer, EMA, step, data position
 and every random state, Ctrl-C finishes the current step, saves and stops, and a non-finite loss
 stops the run without overwriting the last good checkpoint.
+
+Under torchrun (several processes) every rank runs this loop in lockstep: the stop decisions (time
+limit, Ctrl-C, early stop) and the logged scalars are agreed on by all ranks every step, only rank 0
+writes the log, the progress bar, the checkpoint and the outputs, and the checkpoint holds each rank's
+own random state (gathered from every rank). A resume with another number of processes restores what
+carries over and re-derives the rest, and says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -24,7 +31,7 @@ import torch
 from vqtool import statepack
 from vqtool.artifacts import atomic_write_text, load_artifact, save_artifact
 from vqtool.console import console, progress
-from vqtool.distributed import ProcessInfo, process_info
+from vqtool.distributed import ProcessInfo, any_across_ranks, gather_states, mean_across_ranks, process_info
 from vqtool.errors import VqtoolError
 
 
@@ -57,7 +64,13 @@ class TrainTask(Protocol):
         """Settings that must not change across a resume (model shape, data); compared on --resume."""
 
     def export(self) -> list[Path]:
-        """Write the stage's output artifact(s); called when the run stops for any reason but NaN."""
+        """Write the stage's output artifact(s); called on rank 0 when the run stops for any reason but NaN."""
+
+    # Optional, for state that differs between the ranks of a multi-process run (e.g. a per-rank
+    # augmentation generator); the loop gathers it from every rank into the checkpoint:
+    #   def rank_state_dict(self) -> dict[str, Any]: ...
+    #   def load_rank_state_dict(self, state: dict[str, Any] | None) -> None: ...
+    # `state` is None for a rank the checkpoint did not have (resumed with more processes): re-derive it.
 
 
 @dataclass
@@ -111,19 +124,33 @@ def _as_tuples(x: Any) -> Any:
 # Checkpoints
 
 
-def save_checkpoint(task: TrainTask, path: Path) -> None:
-    state = {"step": task.step, "task": task.state_dict(), "rng": _global_rng_state()}
+def rank_state(task: TrainTask) -> dict[str, Any]:
+    """What this rank alone knows: its global random state and the task's per-rank state, if any."""
+    own = task.rank_state_dict() if hasattr(task, "rank_state_dict") else {}
+    return {"rng": _global_rng_state(), "task": own}
+
+
+def save_checkpoint(task: TrainTask, path: Path, ranks: list[dict[str, Any]] | None = None) -> None:
+    """Write the task's state; `ranks` holds every rank's `rank_state` (gathered by the loop)."""
+    ranks = ranks if ranks is not None else [rank_state(task)]
+    state = {"step": task.step, "task": task.state_dict(), "rng": ranks[0]["rng"], "ranks": ranks}
     tensors, skeleton = statepack.pack(state)
     save_artifact(
         path,
         task.checkpoint_kind,
         tensors,
         config=task.resume_key(),
-        extra={"state": skeleton, "step": task.step},
+        extra={"state": skeleton, "step": task.step, "world_size": len(ranks)},
     )
 
 
-def load_checkpoint(task: TrainTask, path: Path) -> None:
+def load_checkpoint(task: TrainTask, path: Path, proc: ProcessInfo | None = None) -> int:
+    """Restore `task` and this rank's random state from `path`; returns the world size that wrote it.
+
+    Rank r restores rank r's saved state when the checkpoint has one; a rank it did not have (the run
+    resumes with more processes) gets fresh streams derived from rank 0's state and its rank number.
+    """
+    proc = proc or process_info()
     if not path.exists():
         raise VqtoolError(f"--resume: no checkpoint at {path}; start without --resume")
     art = load_artifact(path, task.checkpoint_kind)
@@ -136,7 +163,25 @@ def load_checkpoint(task: TrainTask, path: Path) -> None:
     state = statepack.unpack(art.tensors, art.extra["state"])
     task.load_state_dict(state["task"])
     task.step = int(state["step"])
-    _set_global_rng_state(state["rng"])
+    ranks = state.get("ranks") or [{"rng": state["rng"], "task": None}]  # older single-process checkpoints
+    if proc.rank < len(ranks):
+        _set_global_rng_state(ranks[proc.rank]["rng"])
+        own = ranks[proc.rank]["task"]
+    else:
+        _set_global_rng_state(ranks[0]["rng"])
+        _reseed_global_rng(ranks[0]["rng"]["torch"], proc.rank)
+        own = None
+    if hasattr(task, "load_rank_state_dict") and (own or proc.rank >= len(ranks)):
+        task.load_rank_state_dict(own)
+    return int(art.extra.get("world_size", len(ranks)))
+
+
+def _reseed_global_rng(base: torch.Tensor, rank: int) -> None:
+    digest = hashlib.sha256(base.numpy().tobytes() + f"/rank{rank}".encode()).digest()
+    seed = int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,10 +240,16 @@ def run_loop(
         raise VqtoolError("give --max-steps or --max-minutes so the run has an end")
     log = JsonlLog(log_path, enabled=proc.is_main)
     if resume:
-        load_checkpoint(task, checkpoint_path)
+        saved_world = load_checkpoint(task, checkpoint_path, proc)
         log.truncate_after(task.step)
         if proc.is_main:
             console.print(f"resumed {task.stage} from {checkpoint_path} at step {task.step}")
+            if saved_world != proc.world_size:
+                console.print(
+                    f"[yellow]note:[/yellow] the checkpoint was written by {saved_world} process(es), this run has "
+                    f"{proc.world_size}: ranks below {min(saved_world, proc.world_size)} keep their random streams, "
+                    "the others get fresh ones, and per-rank data positions are re-derived"
+                )
     else:
         if checkpoint_path.exists() and not overwrite:
             raise VqtoolError(
@@ -219,11 +270,10 @@ def run_loop(
         previous = None
 
     def checkpoint() -> None:
-        state_ready = task.state_dict  # every rank may take part in gathering state
+        # Every rank takes part in gathering the per-rank states; rank 0 alone writes.
+        ranks = gather_states(rank_state(task)) if proc.distributed else None
         if proc.is_main:
-            save_checkpoint(task, checkpoint_path)
-        else:
-            state_ready()
+            save_checkpoint(task, checkpoint_path, ranks)
 
     start = time.monotonic()
     last_train: dict[str, float] = {}
@@ -238,16 +288,22 @@ def run_loop(
                 if settings.max_steps is not None and task.step >= settings.max_steps:
                     reason = "max-steps"
                     break
-                if settings.max_minutes is not None and time.monotonic() - start >= 60 * settings.max_minutes:
+                # Decided together: a rank that stopped alone would leave the others waiting forever.
+                out_of_time, interrupted, finished = any_across_ranks([
+                    settings.max_minutes is not None and time.monotonic() - start >= 60 * settings.max_minutes,
+                    stop["requested"],
+                    getattr(task, "finished", False),  # optional: the task decided to stop (early stopping)
+                ])
+                if out_of_time:
                     reason = "max-minutes"
                     break
-                if stop["requested"]:
+                if interrupted:
                     reason = "interrupted"
                     break
-                if getattr(task, "finished", False):  # optional: the task decided to stop (early stopping)
+                if finished:
                     reason = "early-stop"
                     break
-                metrics = task.train_step()
+                metrics = mean_across_ranks(task.train_step())  # the global batch's numbers, on every rank
                 bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
                 if bad:
                     name, value = next(iter(bad.items()))
