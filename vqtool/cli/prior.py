@@ -36,7 +36,10 @@ def train_prior_command(
     set_: list[str] = options.Set,
     max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many optimisation steps in total."),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Stop after this many minutes of training."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Token grids per step (per process)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Token grids per process and micro-batch."),
+    grad_accum: int = typer.Option(
+        None, "--grad-accum", help="Micro-batches per optimisation step; a step sees batch-size × grad-accum × "
+        "processes grids, so raise it when there are fewer processes to keep the same run."),
     lr: float = typer.Option(None, "--lr", help="Peak AdamW learning rate (after the linear warm-up)."),
     loss: str = typer.Option(None, "--loss", help="Absorbing prior: reweighted-elbo (default) | elbo | mlm."),
     mask_schedule: str = typer.Option(None, "--mask-schedule", help="Absorbing prior: random (default) | fixed."),
@@ -58,7 +61,8 @@ def train_prior_command(
     from vqtool.prior.train import TrainPriorConfig, stage_names, train_prior
 
     recipe = load_recipe(config)
-    cli = dict(prior=prior, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr, loss=loss,
+    cli = dict(prior=prior, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
+               grad_accum=grad_accum, lr=lr, loss=loss,
                mask_schedule=mask_schedule, timesteps=timesteps, n_layer=layers, n_embd=width, n_head=heads,
                dropout=dropout, eval_every=eval_every, patience=patience, threads=threads, compile=compile_,
                device=device, seed=seed)

@@ -107,14 +107,18 @@ class AbsorbingObjective:
     # -- the Objective interface --------------------------------------------------------------------
 
     def loss(self, model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
-             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+             generator: torch.Generator, part: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """`part=(first, total)`: `tokens` are rows first.. of a global batch of `total` rows split over
+        processes or micro-batches. The noise is drawn for the whole global batch and this part's rows are
+        kept, so the masks do not depend on the split (the trainer gives every part the same generator)."""
         if _config(model).causal:
             raise ValueError("the absorbing objective needs a bidirectional transformer")
         tokens = tokens.long()
         B, N = tokens.shape
-        t = self.sample_t(B, generator)
-        mask = self.mask_for(t, N, generator).to(tokens.device)
-        t = t.to(tokens.device)
+        first, total = part if part is not None else (0, B)
+        t = self.sample_t(total, generator)
+        mask = self.mask_for(t, N, generator)
+        t, mask = t[first:first + B].to(tokens.device), mask[first:first + B].to(tokens.device)
         ce = self.masked_cross_entropy(model, tokens, mask, labels)
         n_masked = mask.sum(dim=1).clamp(min=1).to(ce.dtype)
         tf = t.to(ce.dtype)
@@ -144,18 +148,20 @@ class AbsorbingObjective:
 
     @torch.no_grad()
     def nll(self, model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
-            generator: torch.Generator) -> torch.Tensor:
+            generator: torch.Generator, part: tuple[int, int] | None = None) -> torch.Tensor:
         """Per-image ELBO in bits per token, (B,): T·mean_k[(1/t_k)·CE(t_k)] / (N ln 2).
 
-        Always the `random` forward process, for which the bound holds as written.
+        Always the `random` forward process, for which the bound holds as written. `part` as in `loss`.
         """
         tokens = tokens.long()
         B, N = tokens.shape
+        first, rows = part if part is not None else (0, B)
         K = self.nll_samples or self.T
         total = torch.zeros(B, dtype=torch.float64, device=tokens.device)
         for k in range(K):
-            t = self.stratified_t(k, K, B, generator)
-            mask = self.mask_for(t, N, generator, schedule="random").to(tokens.device)
+            t = self.stratified_t(k, K, rows, generator)
+            mask = self.mask_for(t, N, generator, schedule="random")
+            t, mask = t[first:first + B], mask[first:first + B].to(tokens.device)
             ce = self.masked_cross_entropy(model, tokens, mask, labels)
             total += ce.double() / t.to(tokens.device).double()
         return (total * (self.T / K) / (N * LN2)).float()

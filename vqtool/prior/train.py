@@ -9,6 +9,12 @@ Ctrl-C, NaN, JSONL log, progress bar).
 
 The best validation bound so far is exported at once as the prior artifact (EMA weights), so
 prior.safetensors is always the early-stopping choice; the loop's checkpoint is the latest state.
+
+Several processes (torchrun) split every global batch: one step sees batch_size × grad_accum ×
+world_size grids, drawn by one sampler and one mask generator that every rank runs identically, rank r
+training on its own rows. So the batches and masks do not depend on how the work is split: N ranks ×
+batch B train the same model as one process with batch N·B, or with batch B and grad_accum N, and a
+checkpoint resumes exactly on another number of processes that keeps the global batch.
 """
 
 from __future__ import annotations
@@ -28,7 +34,16 @@ from vqtool.artifacts import file_sha256
 from vqtool.config import to_dict
 from vqtool.console import console
 from vqtool.device import autocast, resolve_device
-from vqtool.distributed import ProcessInfo, process_info
+from vqtool.distributed import (
+    ProcessInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    distributed_session,
+    no_sync,
+    process_info,
+    rank_seed,
+    wrap_ddp,
+)
 from vqtool.errors import VqtoolError
 from vqtool.latents import Latents, load_latents
 from vqtool.prior.objectives import make_objective
@@ -55,7 +70,8 @@ class TrainPriorConfig:
     loss: str = "reweighted-elbo"  # reweighted-elbo | elbo | mlm
     nll_samples: int | None = None  # K for the per-image ELBO later (None: every t once)
     # optimisation
-    batch_size: int = 16
+    batch_size: int = 16  # per process and micro-step: a step sees batch_size × grad_accum × processes grids
+    grad_accum: int = 1  # micro-batches whose gradients add up to one optimisation step
     lr: float = 2e-4
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
@@ -71,7 +87,7 @@ class TrainPriorConfig:
     log_every: int = 50
     eval_every: int = 500
     checkpoint_every: int = 500
-    val_batches: int = 8  # validation images: val_batches × batch_size (or the whole val split)
+    val_batches: int = 8  # validation images: val_batches × global batch (or the whole val split)
     val_nll_samples: int = 8  # t draws per val image for the validation bound (absorbing)
     patience: int | None = None  # stop after this many evaluations without a better val bound
     seed: int = 0
@@ -93,6 +109,7 @@ def check_config(cfg: TrainPriorConfig) -> None:
         if changed:
             raise VqtoolError(f"{', '.join(changed)}: absorbing-prior settings; drop them with --prior autoregressive")
     positive = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum,
                 "log_every": cfg.log_every, "eval_every": cfg.eval_every, "checkpoint_every": cfg.checkpoint_every,
                 "val_batches": cfg.val_batches, "val_nll_samples": cfg.val_nll_samples}
     for name, value in positive.items():
@@ -166,30 +183,42 @@ def learning_rate(cfg: TrainPriorConfig, step: int) -> float:
 class BatchSampler:
     """Epoch-shuffled batches of dataset indices. Its state (generator, permutation, cursor) is the
     data position, so a resumed run sees the same batches. Every rank draws the same permutation and
-    takes its own slice of each global batch."""
+    takes its own slice of each global batch.
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    With `grad_accum` K an optimisation step takes K consecutive micro-batches of batch_size ×
+    world_size rows each; `next()` hands out this rank's rows of the next micro-batch. A new epoch
+    starts only between steps, so the position never depends on world_size or K, only on the global
+    batch (batch_size × world_size × K) and the number of steps."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 grad_accum: int = 1):
         if n < 1:
             raise VqtoolError("the latents' train split is empty")
         self.n = n
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
+        self.grad_accum = grad_accum
         self.generator = torch.Generator().manual_seed(seed)
         self.perm = torch.empty(0, dtype=torch.long)
         self.cursor = 0
         self.epoch = 0
+        self.micro = 0  # micro-batches of the current step handed out
 
     def next(self) -> torch.Tensor:
-        global_batch = self.batch_size * self.world_size
-        if self.cursor + global_batch > self.perm.numel():
+        micro_rows = self.batch_size * self.world_size
+        step_rows = micro_rows * self.grad_accum
+        if self.micro == 0 and self.cursor + step_rows > self.perm.numel():
             # A new epoch; a split smaller than one global batch is repeated within it.
-            repeats = max(1, math.ceil(global_batch / self.n))
+            repeats = max(1, math.ceil(step_rows / self.n))
             self.perm = torch.cat([torch.randperm(self.n, generator=self.generator) for _ in range(repeats)])
             self.cursor = 0
             self.epoch += 1
-        start = self.cursor + self.rank * self.batch_size
-        self.cursor += global_batch
+        start = self.cursor + self.micro * micro_rows + self.rank * self.batch_size
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.micro = 0
+            self.cursor += step_rows
         return self.perm[start:start + self.batch_size]
 
     def state_dict(self) -> dict[str, Any]:
@@ -236,6 +265,7 @@ class PriorTrainTask:
         self.image_size = latents.image_size
         self.step = 0
         self.finished = False
+        self.global_batch = cfg.batch_size * cfg.grad_accum * self.proc.world_size
 
         self.model_cfg = model_config(cfg, latents)
         self.objective = make_objective(cfg.prior, objective_settings(cfg))
@@ -251,7 +281,7 @@ class PriorTrainTask:
         self.val_tokens = self.val_labels = None
         val = latents.splits.get("val")
         if val is not None and val.tokens.shape[0] > 0:
-            count = min(val.tokens.shape[0], cfg.val_batches * cfg.batch_size)
+            count = min(val.tokens.shape[0], cfg.val_batches * self.global_batch)
             self.val_tokens = val.tokens[:count]
             if self.use_labels:
                 if val.labels is None:
@@ -261,14 +291,18 @@ class PriorTrainTask:
 
         torch.manual_seed(cfg.seed)  # weight init (and, later, dropout) use the global generator
         self.model = Transformer(self.model_cfg).to(device)
+        if self.proc.rank > 0:
+            torch.manual_seed(rank_seed(cfg.seed, "dropout", self.proc.rank))  # other rows, other dropout
         self.eval_model = copy.deepcopy(self.model).eval()
         self.optimizer = _adamw(list(self.model.named_parameters()), cfg, device)
         self.ema = EMA(self.model, cfg.ema_decay)
         fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.sampler = BatchSampler(train.tokens.shape[0], cfg.batch_size, derived_seed(cfg.seed, "data"),
-                                    self.proc.rank, self.proc.world_size)
-        self.noise = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, "noise", self.proc.rank))
+                                    self.proc.rank, self.proc.world_size, cfg.grad_accum)
+        # The masks of a whole step are drawn on every rank alike (rank 0's stream of a single process),
+        # each rank keeping its rows: the split across processes does not change them.
+        self.noise = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, "noise"))
         self.best_bpt: float | None = None
         self.best_step: int | None = None
         self.evals_since_best = 0
@@ -278,6 +312,8 @@ class PriorTrainTask:
         if cfg.compile:
             for block in self.model.blocks:
                 block.compile()
+        # The forward/backward model: DDP averages gradients over the ranks (itself in one process).
+        self.train_model = wrap_ddp(self.model, device)
 
     # -- the TrainTask protocol ---------------------------------------------------------------------
 
@@ -285,20 +321,35 @@ class PriorTrainTask:
         cfg = self.cfg
         started = time.perf_counter()
         self.model.train()
-        idx = self.sampler.next().to(self.device)
-        tokens = self.train_tokens[idx].long().reshape(idx.shape[0], -1)
-        labels = self.train_labels[idx] if self.use_labels else None
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with autocast(self.device):
-            loss, metrics = self.objective.loss(self.model, tokens, labels, self.noise)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            return {"loss": value, **metrics}  # the loop stops the run before anything is saved
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        out = {"loss": value, "bpt": metrics["bpt"], "lr": lr}
+        accum, world, rank = cfg.grad_accum, self.proc.world_size, self.proc.rank
+        step_rows = cfg.batch_size * world * accum
+        split_noise = self.objective.kind == "absorbing" and step_rows > cfg.batch_size
+        noise_start = self.noise.get_state() if split_noise else None
+        totals = torch.zeros(2, dtype=torch.float64)  # loss, bpt summed over micro-batches
+        for k in range(accum):
+            idx = self.sampler.next().to(self.device)
+            tokens = self.train_tokens[idx].long().reshape(idx.shape[0], -1)
+            labels = self.train_labels[idx] if self.use_labels else None
+            kwargs = {}
+            if split_noise:
+                # Every micro-batch draws the step's masks afresh and keeps its own rows (see the module doc).
+                self.noise.set_state(noise_start)
+                kwargs["part"] = ((k * world + rank) * cfg.batch_size, step_rows)
+            with no_sync(self.train_model, skip=k < accum - 1), autocast(self.device):
+                loss, metrics = self.objective.loss(self.train_model, tokens, labels, self.noise, **kwargs)
+                # Agreed by all ranks, so a non-finite loss anywhere stops every rank before its backward.
+                value = float(all_reduce_mean(loss.detach().double().reshape(1)))
+                if not math.isfinite(value):
+                    return {"loss": value, **metrics}  # the loop stops the run before anything is saved
+                self.scaler.scale(loss / accum).backward()
+            totals += torch.tensor([value, metrics["bpt"]], dtype=torch.float64)
+            self.session_tokens += tokens.numel()
+        totals /= accum
+        out = {"loss": float(totals[0]), "bpt": float(totals[1]), "lr": lr}
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -309,33 +360,44 @@ class PriorTrainTask:
         # EMA warm-up: early on the average would be mostly the random initialisation.
         self.ema.decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
         self.ema.update(self.model)
-        self.session_tokens += tokens.numel()
         self.session_seconds += time.perf_counter() - started
         return out
 
     @torch.no_grad()
     def validation_bpt(self, model: torch.nn.Module) -> float:
-        """Mean bound (bits/token) over the validation images, with the same masks at every call."""
-        generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.cfg.seed, "val"))
-        total, count = 0.0, 0
-        for start in range(0, self.val_tokens.shape[0], self.cfg.batch_size):
-            tokens = self.val_tokens[start:start + self.cfg.batch_size].to(self.device).long()
-            tokens = tokens.reshape(tokens.shape[0], -1)
-            labels = None
-            if self.use_labels:
-                labels = self.val_labels[start:start + self.cfg.batch_size].to(self.device)
-            with autocast(self.device):
-                bpt = self.val_objective.nll(model, tokens, labels, generator)
-            total += float(bpt.double().sum())
-            count += tokens.shape[0]
-        return total / count
+        """Mean bound (bits/token) over the validation images, with the same masks at every call.
+
+        The images go in chunks of one global batch; a chunk's masks come from its own seeded generator,
+        drawn for all its rows, and each rank scores its rows of every chunk (in micro-batches, like
+        training) before the sums are added up over the ranks. So the number does not depend on how
+        many processes share the work.
+        """
+        B, world, rank = self.cfg.batch_size, self.proc.world_size, self.proc.rank
+        sums = torch.zeros(2, dtype=torch.float64)  # bound summed over images, images
+        for chunk, start in enumerate(range(0, self.val_tokens.shape[0], self.global_batch)):
+            rows = min(self.global_batch, self.val_tokens.shape[0] - start)
+            for k in range(self.cfg.grad_accum):
+                first = (k * world + rank) * B
+                if first >= rows:
+                    continue
+                part = slice(start + first, start + min(first + B, rows))
+                tokens = self.val_tokens[part].to(self.device).long()
+                tokens = tokens.reshape(tokens.shape[0], -1)
+                labels = self.val_labels[part].to(self.device) if self.use_labels else None
+                generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.cfg.seed, "val", chunk))
+                kwargs = {"part": (first, rows)} if self.val_objective.kind == "absorbing" else {}
+                with autocast(self.device):
+                    bpt = self.val_objective.nll(model, tokens, labels, generator, **kwargs)
+                sums += torch.tensor([float(bpt.double().sum()), tokens.shape[0]], dtype=torch.float64)
+        sums = all_reduce_sum(sums)
+        return float(sums[0] / sums[1])
 
     def evaluate(self) -> dict[str, float]:
         if self.val_tokens is None:
             return {}
         self.ema.copy_to(self.eval_model)
         self.eval_model.eval()
-        bpt = self.validation_bpt(self.eval_model)
+        bpt = self.validation_bpt(self.eval_model)  # the same number on every rank
         if self.best_bpt is None or bpt < self.best_bpt:
             self.best_bpt, self.best_step, self.evals_since_best = bpt, self.step, 0
             if self.proc.is_main:
@@ -359,6 +421,7 @@ class PriorTrainTask:
             "noise": self.noise.get_state(),
             "best": {"bpt": self.best_bpt, "step": self.best_step, "since": self.evals_since_best},
             "finished": self.finished,
+            "layout": {"world_size": self.proc.world_size, "grad_accum": self.cfg.grad_accum},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -372,6 +435,16 @@ class PriorTrainTask:
         best = state["best"]
         self.best_bpt, self.best_step, self.evals_since_best = best["bpt"], best["step"], int(best["since"])
         self.finished = bool(state["finished"])
+        layout = state.get("layout", {"world_size": 1, "grad_accum": 1})
+        before = self.cfg.batch_size * int(layout["world_size"]) * int(layout["grad_accum"])
+        now = self.cfg.batch_size * self.proc.world_size * self.cfg.grad_accum
+        if before != now and self.proc.is_main:
+            console.print(
+                f"[yellow]note:[/yellow] the global batch changes from {before} ({self.cfg.batch_size} × "
+                f"{layout['grad_accum']} accumulated × {layout['world_size']} processes) to {now} "
+                f"({self.cfg.batch_size} × {self.cfg.grad_accum} × {self.proc.world_size}); set --grad-accum "
+                "so that batch × grad-accum × processes stays the same to continue the run unchanged"
+            )
 
     def resume_key(self) -> dict[str, Any]:
         return {"prior": self.cfg.prior, "model": dataclasses.asdict(self.model_cfg),
@@ -452,23 +525,26 @@ def train_prior(
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     latents = load_latents(latents_path)
-    task = PriorTrainTask(cfg, latents, file_sha256(latents_path), out, device)
-    if task.val_tokens is None and task.proc.is_main:
-        console.print(f"[yellow]warning:[/yellow] {latents_path} has no val split: no validation bound, "
-                      "the prior will be the last weights")
-    settings = LoopSettings(max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, log_every=cfg.log_every,
-                            eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
-    start = time.monotonic()
-    result = run_loop(task, settings, Path(checkpoint), Path(log), resume=resume, overwrite=overwrite,
-                      proc=task.proc)
-    seconds = time.monotonic() - start
+    with distributed_session(device) as proc:
+        task = PriorTrainTask(cfg, latents, file_sha256(latents_path), out, device, proc)
+        if task.val_tokens is None and proc.is_main:
+            console.print(f"[yellow]warning:[/yellow] {latents_path} has no val split: no validation bound, "
+                          "the prior will be the last weights")
+        settings = LoopSettings(max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, log_every=cfg.log_every,
+                                eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
+        start = time.monotonic()
+        result = run_loop(task, settings, Path(checkpoint), Path(log), resume=resume, overwrite=overwrite,
+                          proc=proc)
+        seconds = time.monotonic() - start
     bpd = None
     if task.best_bpt is not None and task.image_size:
         bpd = task.best_bpt * task.model_cfg.n_tokens / (3 * task.image_size**2)
     return TrainPriorResult(
         steps=result.step, reason=result.reason, best_val_bpt=task.best_bpt, best_val_bpd=bpd,
         best_step=task.best_step, last_train=result.last_train, seconds=seconds,
-        tokens_per_second=task.session_tokens / task.session_seconds if task.session_seconds > 0 else 0.0,
+        # Every rank trains on as many tokens in the same time: the job's rate is world_size times one rank's.
+        tokens_per_second=(task.session_tokens * task.proc.world_size / task.session_seconds
+                           if task.session_seconds > 0 else 0.0),
         params=sum(p.numel() for p in task.model.parameters()), prior=out, checkpoint=Path(checkpoint),
         log=Path(log),
     )
