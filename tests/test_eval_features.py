@@ -178,3 +178,21 @@ def test_feature_cache_computes_once_and_keys_on_data_n_and_weights(tmp_path, ex
     # No cache folder: always computed.
     _, none_path, hit3 = features.cached_features(None, "k", 3, extractor, compute)
     assert none_path is None and not hit3 and len(calls) == 2
+
+
+def test_compiled_extractor_always_sees_one_batch_shape_and_gives_the_same_features(inception_weights,
+                                                                                     small_inputs):
+    # A stand-in for torch.compile (real compilation takes minutes): the eager model, recording shapes.
+    ex = features.load_extractor("inception", inception_weights, "cpu", download=False, layer="64")
+    shapes = []
+
+    def compiled(x):
+        shapes.append(tuple(x.shape))
+        return ex.model(x)
+
+    x = _images(7, seed=2)
+    eager = features.extract_features(ex, [x])
+    ex.compiled = compiled
+    out = features.extract_features(ex, [x[:3], x[3:6], x[6:]])  # batches of 3, 3 and a partial 1
+    assert torch.allclose(out, eager, atol=1e-5) and out.shape == (7, 64)
+    assert set(shapes) == {(3, 3, 16, 16)}

@@ -47,6 +47,8 @@ def eval_command(
     feature_layer: str = typer.Option(None, "--feature-layer", help="Feature layer (default: the extractor's "
                                                                     "standard one; Inception: 2048)."),
     download: bool = _Download,
+    compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the extractor: minutes of "
+                                                                       "compilation, then faster (large --n)."),
     nearest_k: int = typer.Option(None, "--nearest-k", help="PRDC neighbourhood size (default 5)."),
     kid_subsets: int = typer.Option(None, "--kid-subsets", help="KID: random subsets averaged (default 100)."),
     kid_subset_size: int = typer.Option(None, "--kid-subset-size", help="KID: subset size (1000, capped at --n)."),
@@ -83,6 +85,7 @@ def eval_command(
     cli = dict(metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, n=n,
                n_real=n_real, real=real, real_split=real_split, fake=fake, fake_split=fake_split, features=features,
                feature_weights=_str(feature_weights), feature_layer=feature_layer, download=download,
+               compile=compile_,
                nearest_k=nearest_k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, batch_size=batch_size,
                recon_n=recon_n, nll_n=nll_n, nll_samples=nll_samples, lpips_net=lpips_net,
                lpips_weights=_str(lpips_weights), cache=False if no_cache else None, cache_dir=_str(cache_dir),

@@ -76,6 +76,22 @@ class Extractor:
     weights_path: Path
     weights_sha256: str
     device: torch.device
+    compiled: Callable | None = None  # torch.compile of `model`, run at one fixed batch shape
+    _batch: int = 0  # the batch size the compiled graph was built for
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self.model(x)[0]
+        # A compiled graph is specialised to its input shape; a smaller last batch is padded to that shape
+        # (the extractor is per-image in eval mode, so the padding changes nothing) instead of recompiling.
+        if not self._batch:
+            self._batch = x.shape[0]
+        n = x.shape[0]
+        if n < self._batch:
+            x = torch.cat([x, x.new_zeros((self._batch - n, *x.shape[1:]))])
+        if x.shape[0] > self._batch:
+            return torch.cat([self(chunk) for chunk in x.split(self._batch)])
+        return self.compiled(x)[0][:n]
 
     @property
     def key(self) -> dict[str, str]:
@@ -89,11 +105,14 @@ def load_extractor(
     device: torch.device | str = "cpu",
     download: bool = True,
     layer: str | None = None,
+    compile: bool = False,
 ) -> Extractor:
     """Build torch-fidelity's extractor `name` with resolved weights, in eval mode on `device`.
 
     `layer` picks another of the extractor's feature layers (torch-fidelity's `feature_layer_fid` option);
     the default is the extractor's standard layer for FID/KID/PRDC (Inception: the 2048-d pool features).
+    `compile` runs it through torch.compile: minutes of compilation, then faster extraction (worth it for
+    thousands of images).
     """
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     from torch_fidelity.utils import create_feature_extractor
@@ -137,7 +156,7 @@ def load_extractor(
     device = torch.device(device)
     model.to(device).eval()
     return Extractor(model=model, name=name, layer=layer, weights_path=path, weights_sha256=file_sha256(path),
-                     device=device)
+                     device=device, compiled=torch.compile(model, dynamic=False) if compile else None)
 
 
 def _dinov2_checkpoint(name: str, weights: str | Path | None, download: bool) -> Path:
@@ -180,8 +199,7 @@ def extract_features(
     out = []
     for images in batches:
         x = to_uint8_batch(images).to(extractor.device)
-        (feats,) = extractor.model(x)
-        out.append(feats.float().cpu())
+        out.append(extractor(x).float().cpu())
         if on_batch is not None:
             on_batch(images.shape[0])
     if not out:

@@ -45,6 +45,7 @@ class EvalSettings:
     feature_weights: str | None = None
     feature_layer: str | None = None  # default: the extractor's standard layer (Inception: "2048")
     download: bool = True  # fetch missing weights when online
+    compile: bool = False  # torch.compile the extractor (minutes of compilation, then faster)
     nearest_k: int = 5
     kid_subsets: int = 100
     kid_subset_size: int = 1000
@@ -115,8 +116,14 @@ class _Bars:
         """update(done, total) for work that reports its own totals."""
         if self.progress is None:
             return None
-        task = self.progress.add_task(description, total=None, status="")
-        return lambda done, total: self.progress.update(task, completed=done, total=total)
+        tasks: list = []
+
+        def update(done: int, total: int) -> None:
+            if not tasks:  # the bar appears when the work starts, not when the source is set up
+                tasks.append(self.progress.add_task(description, total=total, status=""))
+            self.progress.update(tasks[0], completed=done, total=total)
+
+        return update
 
 
 def _outputs(folder: Path, name: str, overwrite: bool) -> tuple[Path, Path]:
@@ -199,7 +206,8 @@ def evaluate(
         wants = set(s.metrics)
         if wants & {*GENERATIVE, "recon"}:
             # Weights first: a missing file should stop the run before any sampling.
-            ev.extractor = feats.load_extractor(s.features, s.feature_weights, dev, s.download, s.feature_layer)
+            ev.extractor = feats.load_extractor(s.features, s.feature_weights, dev, s.download, s.feature_layer,
+                                                s.compile)
             ev.body["features"] = {**ev.extractor.key, "weights_path": str(ev.extractor.weights_path)}
         if wants & set(GENERATIVE):
             _generative(ev, sample)
