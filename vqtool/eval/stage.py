@@ -206,9 +206,16 @@ def evaluate(
         wants = set(s.metrics)
         if wants & {*GENERATIVE, "recon"}:
             # Weights first: a missing file should stop the run before any sampling.
-            ev.extractor = feats.load_extractor(s.features, s.feature_weights, dev, s.download, s.feature_layer,
-                                                s.compile)
-            ev.body["features"] = {**ev.extractor.key, "weights_path": str(ev.extractor.weights_path)}
+            try:
+                ev.extractor = feats.load_extractor(s.features, s.feature_weights, dev, s.download,
+                                                    s.feature_layer, s.compile)
+            except VqtoolError as exc:
+                if wants & set(GENERATIVE) or s.feature_weights is not None:
+                    raise
+                # recon alone: PSNR, L1 and codebook usage need no weights; only recon_fid is skipped.
+                ev.body["recon_fid_note"] = f"recon FID skipped: {exc}"
+            if ev.extractor is not None:
+                ev.body["features"] = {**ev.extractor.key, "weights_path": str(ev.extractor.weights_path)}
         if wants & set(GENERATIVE):
             _generative(ev, sample)
         if "recon" in wants:
@@ -288,16 +295,19 @@ def _recon(ev: _Eval) -> None:
             raise
         lpips_note = f"LPIPS skipped: {exc}"  # recon LPIPS is reported only when its weights exist
     key = val.key()
-    cached = feats.load_cached(ev.cache_dir, key, n, ev.extractor)
+    has_features = ev.extractor is not None
+    cached = feats.load_cached(ev.cache_dir, key, n, ev.extractor) if has_features else None
     result = reconstruction_metrics(vq, val.batches(n, s.batch_size), ev.device, ev.extractor,
                                     need_original_features=cached is None, lpips_model=lpips_model,
                                     on_batch=ev.bars.counter("reconstruct", n))
     originals = cached if cached is not None else result.original_features
-    if cached is None and ev.cache_dir is not None:
+    if has_features and cached is None and ev.cache_dir is not None:
         feats.store_cached(ev.cache_dir, key, n, ev.extractor, originals, val.parents)
+    fid_note = ev.body.pop("recon_fid_note", None)
+    lpips_note = "; ".join(note for note in (lpips_note, fid_note) if note) or None
     ev.metrics.update({
         "recon_psnr": result.psnr, "recon_l1": result.l1, "recon_lpips": result.lpips,
-        "recon_fid": M.fid(originals, result.recon_features),
+        "recon_fid": M.fid(originals, result.recon_features) if has_features else None,
         "codebook_usage": result.codebook_usage, "codebook_perplexity": result.codebook_perplexity,
     })
     ev.body["recon"] = {"n": n, "split": "val", "codes_used": result.codes_used,
