@@ -60,6 +60,18 @@ def rank_seed(seed: int, stream: str, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def layout_change_note(batch_size: int, before: dict[str, int], world_size: int, grad_accum: int) -> str | None:
+    """One line for a resume whose global batch (batch × grad-accum × processes) differs from the
+    checkpoint's `before` {"world_size", "grad_accum"}; None when it is the same."""
+    was = batch_size * int(before["world_size"]) * int(before["grad_accum"])
+    now = batch_size * world_size * grad_accum
+    if was == now:
+        return None
+    return (f"the global batch changes from {was} ({batch_size} × {before['grad_accum']} accumulated × "
+            f"{before['world_size']} processes) to {now} ({batch_size} × {grad_accum} × {world_size}); to continue "
+            "the run unchanged, choose --grad-accum so that batch × grad-accum × processes stays the same")
+
+
 # --------------------------------------------------------------------------------------------------
 # The process group
 
@@ -221,13 +233,12 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    """The mean of each scalar over ranks (every rank must pass the same keys). A NaN on any rank makes
-    the mean NaN everywhere, so a non-finite loss stops every rank at the same step."""
+    """The mean of each scalar over ranks (every rank must pass the same keys in the same order). A NaN on
+    any rank makes the mean NaN everywhere, so a non-finite loss stops every rank at the same step."""
     if not active() or not values:
         return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    t = all_reduce_mean(t)
+    keys = list(values)
+    t = all_reduce_mean(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
     return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
 

@@ -65,7 +65,10 @@ def train_vq_command(
     set_: list[str] = options.Set,
     max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many optimisation steps in total."),
     max_minutes: float = typer.Option(None, "--max-minutes", help="Stop after this many minutes of training."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Images per step (per process)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per process and micro-batch."),
+    grad_accum: int = typer.Option(
+        None, "--grad-accum", help="Micro-batches per optimisation step; a step sees batch-size × grad-accum × "
+        "processes images, so raise it when there are fewer processes to keep the same run."),
     lr: float = typer.Option(None, "--lr", help="Adam learning rate of the autoencoder (and discriminator)."),
     perceptual: str = typer.Option(None, "--perceptual", help="lpips-vgg | lpips-alex | none."),
     perceptual_weights: Path = typer.Option(
@@ -87,7 +90,8 @@ def train_vq_command(
     _set_threads(threads)
     recipe = load_recipe(config)
     vq_set, train_set = split_overrides(set_)
-    cli = dict(max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr, perceptual=perceptual,
+    cli = dict(max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+               perceptual=perceptual,
                perceptual_weights=str(perceptual_weights) if perceptual_weights else None, disc_start=disc_start,
                disc_weight_max=disc_weight_max, eval_every=eval_every)
     vq_cfg = merge(VQConfig, recipe.get("vq"), vq_set, where="vq")

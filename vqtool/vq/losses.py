@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,13 +68,17 @@ def adaptive_weight(
     last_layer: torch.Tensor,
     max_weight: float,
     eps: float = 1e-4,
+    grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """λ = ‖∇L_rec‖ / (‖∇L_gan‖ + eps), gradients at the decoder's last layer, clamped to [0, max_weight].
 
     Balances the GAN term against reconstruction (Taming eq. 7; the clamp is Unleashing's eq. 9). The
-    result is detached: λ is a weight, not something to optimise.
+    result is detached: λ is a weight, not something to optimise. `grad_reduce` (e.g. the mean over the
+    ranks of a multi-process run) turns both gradients into those of the global batch first.
     """
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    if grad_reduce is not None:
+        rec_grad, gan_grad = grad_reduce(torch.stack([rec_grad, gan_grad])).unbind(0)
     weight = rec_grad.float().norm() / (gan_grad.float().norm() + eps)
     return weight.clamp(0.0, max_weight).detach()

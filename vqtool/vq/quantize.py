@@ -11,6 +11,10 @@ paper reports this as severe). Three remedies are built in, each optional:
   encoder output of the current batch (`restart_dead`).
 
 The k-means and restart steps draw randomness from an explicit generator passed in by the trainer.
+
+Under DDP the usage counts of a training forward are summed over the ranks before they enter the
+running usage, so every rank holds the same usage and agrees on which codes are dead (the trainer
+gathers the encoder outputs and broadcasts rank 0's k-means and restarts).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vqtool.distributed import all_reduce_sum
 
 
 @dataclass
@@ -101,7 +107,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update_usage(self, indices: torch.Tensor) -> None:
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        # Summed over the ranks of a multi-process run: the global batch's usage, identical on every rank.
+        counts = all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size).float())
         share = counts / counts.sum().clamp(min=1)
         self.usage.mul_(self.usage_decay).add_(share, alpha=1 - self.usage_decay)
 

@@ -8,6 +8,14 @@ k-means over a few batches of encoder outputs.
 Everything random lives in the global torch RNG (saved by the loop), in the ShardLoader (its
 state_dict is the data position) and in one explicit generator for DiffAugment, k-means and restarts
 (saved here), so a resumed run continues exactly.
+
+Several processes (torchrun): each rank reads its own share of the shards (ShardLoader(rank,
+world_size)); the autoencoder and the discriminator step run in DDP, the discriminator normalises with
+global-batch statistics, the adaptive GAN weight uses the global gradients, usage counts are summed
+over ranks, and rank 0 runs k-means and dead-code restarts on every rank's encoder outputs and
+broadcasts the codebook. So N ranks × batch B train the same weights as one process whose batch is
+the N ranks' batches side by side (DiffAugment apart: each rank augments with its own generator).
+`grad_accum` K adds up K micro-batches per step: a step sees batch_size × K × processes images.
 """
 
 from __future__ import annotations
@@ -20,13 +28,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from vqtool.config import to_dict
 from vqtool.console import console
 from vqtool.data.loader import ShardLoader
 from vqtool.data.manifest import manifest_sha256, read_manifest
 from vqtool.device import autocast, resolve_device
-from vqtool.distributed import ProcessInfo, process_info
+from vqtool.distributed import (
+    ProcessInfo,
+    all_gather_rows,
+    all_reduce_mean,
+    distributed_session,
+    global_batchnorm,
+    layout_change_note,
+    no_sync,
+    process_info,
+    wrap_ddp,
+)
 from vqtool.errors import VqtoolError
 from vqtool.grids import make_grid, save_png
 from vqtool.runs import RunPaths
@@ -43,7 +62,8 @@ STAGE = "train-vq"
 
 @dataclass
 class TrainVQConfig:
-    batch_size: int = 32
+    batch_size: int = 32  # per process and micro-batch: a step sees batch_size × grad_accum × processes images
+    grad_accum: int = 1  # micro-batches whose gradients add up to one optimisation step
     lr: float = 2e-4
     disc_lr: float | None = None  # defaults to lr
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
@@ -78,6 +98,8 @@ class TrainVQConfig:
 
         if self.batch_size < 1:
             raise bad("batch_size", "must be at least 1")
+        if self.grad_accum < 1:
+            raise bad("grad_accum", "must be at least 1")
         if self.lr <= 0 or (self.disc_lr is not None and self.disc_lr <= 0):
             raise bad("lr", "learning rates must be positive")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -181,12 +203,18 @@ class VQTrainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = VQModel(vq_cfg).to(self.device, memory_format=self.memory_format)
         self.disc = PatchDiscriminator(cfg.disc_ch, cfg.disc_layers).to(self.device, memory_format=self.memory_format)
+        # Under DDP the discriminator's BatchNorm sees the global batch (before its optimizer takes the parameters).
+        global_batchnorm(self.disc)
         self.perceptual = build_perceptual(cfg.perceptual, cfg.perceptual_weights)
         if self.perceptual is not None:
             self.perceptual.to(self.device)
         betas = (float(cfg.betas[0]), float(cfg.betas[1]))
         self.opt_ae = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=betas)
+        # What the optimisation steps call: DDP averages the gradients over the ranks during backward
+        # (the modules themselves in one process). Usage is summed explicitly, so no buffer broadcasts.
+        self.train_model = wrap_ddp(self.model, self.device, broadcast_buffers=False)
+        self.disc_pair = wrap_ddp(_RealFake(self.disc), self.device, broadcast_buffers=False)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.eval_model = copy.deepcopy(self.model).eval()
         self.eval_model.requires_grad_(False)
@@ -208,7 +236,6 @@ class VQTrainer:
             "dataset": self.dataset_sha,
             "seed": self.seed,
             "batch_size": self.cfg.batch_size,
-            "world_size": self.proc.world_size,
             "disc_layers": self.cfg.disc_layers,
             "disc_ch": self.cfg.disc_ch,
         }
@@ -223,6 +250,7 @@ class VQTrainer:
             "loader": self.loader.state_dict(),
             "generator": self.generator.get_state(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "layout": {"world_size": self.proc.world_size, "grad_accum": self.cfg.grad_accum},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -237,7 +265,11 @@ class VQTrainer:
             group["lr"] = self.cfg.disc_lr or self.cfg.lr
         self.ema.load_state_dict(state["ema"])
         self.ema.decay = self.cfg.ema_decay
-        self.loader.load_state_dict(state["loader"])
+        self.loader.load_state_dict(self._rederive_position(state["loader"]))
+        note = layout_change_note(self.cfg.batch_size, state.get("layout", {"world_size": 1, "grad_accum": 1}),
+                                  self.proc.world_size, self.cfg.grad_accum)
+        if note and self.proc.is_main:
+            console.print(f"[yellow]note:[/yellow] {note}")
         self._batches = None
         self.generator.set_state(state["generator"])
         if self.scaler.is_enabled() and state.get("scaler"):
@@ -268,57 +300,81 @@ class VQTrainer:
             self._kmeans_init()
         self.model.train()
         self.disc.train()
-        x = self._next_batch()
         disc_on = self.step + 1 >= cfg.disc_start
-
-        with autocast(self.device, cfg.amp):
-            out = self.model(x)
-        recon = out.recon.float()
-        l1 = (x - recon).abs().mean()
-        rec_loss = l1
-        metrics: dict[str, float] = {}
-        if self.perceptual is not None:
-            with autocast(self.device, cfg.amp):
-                p_loss = self.perceptual(recon, x).float()
-            rec_loss = rec_loss + cfg.perceptual_weight * p_loss
-            metrics["lpips"] = p_loss.item()
-        loss = rec_loss + cfg.codebook_weight * out.q_loss
-        if disc_on:
-            with autocast(self.device, cfg.amp):
-                g_loss = hinge_g_loss(self.disc(diff_augment(recon, cfg.diffaug, self.generator)).float())
-            weight = adaptive_weight(rec_loss, g_loss, self.model.last_layer, cfg.disc_weight_max)
-            weight = self._mean_across_ranks(weight)
-            loss = loss + weight * g_loss
-            metrics["g_loss"] = g_loss.item()
-            metrics["disc_weight"] = weight.item()
+        accum = cfg.grad_accum
+        # Under DDP the adaptive weight balances the global batch's gradients, not one rank's.
+        grad_reduce = all_reduce_mean if self.proc.distributed else None
+        metrics: dict[str, float] = {}  # averaged over the micro-batches
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images, reconstructions) for the discriminator
+        vectors: list[torch.Tensor] = []  # lookup-space encoder outputs, for restarts
 
         self.opt_ae.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self._average_gradients(self.model)
+        for k in range(accum):
+            x = self._next_batch()
+            # Micro-batches before the last accumulate locally; the last one's backward averages over ranks.
+            with no_sync(self.train_model, skip=k < accum - 1):
+                with autocast(self.device, cfg.amp):
+                    out = self.train_model(x)
+                recon = out.recon.float()
+                l1 = (x - recon).abs().mean()
+                rec_loss = l1
+                micro: dict[str, float] = {}
+                if self.perceptual is not None:
+                    with autocast(self.device, cfg.amp):
+                        p_loss = self.perceptual(recon, x).float()
+                    rec_loss = rec_loss + cfg.perceptual_weight * p_loss
+                    micro["lpips"] = p_loss.item()
+                loss = rec_loss + cfg.codebook_weight * out.q_loss
+                if disc_on:
+                    with autocast(self.device, cfg.amp):
+                        g_loss = hinge_g_loss(self.disc(diff_augment(recon, cfg.diffaug, self.generator)).float())
+                    weight = adaptive_weight(rec_loss, g_loss, self.model.last_layer, cfg.disc_weight_max,
+                                             grad_reduce=grad_reduce)
+                    loss = loss + weight * g_loss
+                    micro["g_loss"] = g_loss.item()
+                    micro["disc_weight"] = weight.item()
+                self.scaler.scale(loss / accum).backward()
+            micro = {"loss": loss.item(), "l1": l1.item(), "q_loss": out.q_loss.item(), **micro}
+            for key, value in micro.items():
+                metrics[key] = metrics.get(key, 0.0) + value / accum
+            seen.append((x, recon.detach()))
+            vectors.append(out.vectors)
         self.scaler.step(self.opt_ae)
 
         if disc_on:
-            with autocast(self.device, cfg.amp):
-                real = self.disc(diff_augment(x, cfg.diffaug, self.generator)).float()
-                fake = self.disc(diff_augment(recon.detach(), cfg.diffaug, self.generator)).float()
-                d_loss = hinge_d_loss(real, fake)
             self.opt_d.zero_grad(set_to_none=True)
-            self.scaler.scale(d_loss).backward()
-            self._average_gradients(self.disc)
+            d_loss_mean = 0.0
+            for k, (x, recon) in enumerate(seen):
+                with no_sync(self.disc_pair, skip=k < accum - 1):
+                    with autocast(self.device, cfg.amp):
+                        real, fake = self.disc_pair(diff_augment(x, cfg.diffaug, self.generator),
+                                                    diff_augment(recon, cfg.diffaug, self.generator))
+                        d_loss = hinge_d_loss(real.float(), fake.float())
+                    self.scaler.scale(d_loss / accum).backward()
+                d_loss_mean += d_loss.item() / accum
             self.scaler.step(self.opt_d)
-            metrics["d_loss"] = d_loss.item()
+            metrics["d_loss"] = d_loss_mean
         self.scaler.update()
 
         restarted = 0
         if self.vq_cfg.restart_threshold > 0:
-            dead = q.restart_dead(out.vectors, self.generator, self.vq_cfg.restart_threshold)
+            found = torch.cat(vectors) if len(vectors) > 1 else vectors[0]
             if self.proc.distributed:
-                # Ranks saw different batches: rank 0's restarts, codebook and usage become everyone's.
+                # Every rank knows the same dead codes (usage counts are summed over the ranks); rank 0
+                # re-seeds them from the whole global batch, and its rows, codebook and usage become everyone's.
+                if q.dead_codes(self.vq_cfg.restart_threshold).numel():
+                    found = all_gather_rows(found)
+                if self.proc.is_main:
+                    dead = q.restart_dead(found, self.generator, self.vq_cfg.restart_threshold)
+                else:
+                    dead = torch.zeros(0, dtype=torch.long)
                 mask = torch.zeros(q.codebook_size, dtype=torch.uint8, device=q.usage.device)
                 mask[dead.to(mask.device)] = 1
                 for t in (mask, q.embedding.data, q.usage):
                     dist.broadcast(t, 0)
                 dead = torch.nonzero(mask).flatten()
+            else:
+                dead = q.restart_dead(found, self.generator, self.vq_cfg.restart_threshold)
             restarted = int(dead.numel())
             if restarted:
                 self._sync_codebook_into_ema(dead)
@@ -327,7 +383,6 @@ class VQTrainer:
         # EMA warm-up: short runs average over their own length rather than over 1/(1-decay) steps.
         self.ema.decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
         self.ema.update(self.model)
-        metrics = {"loss": loss.item(), "l1": l1.item(), "q_loss": out.q_loss.item(), **metrics}
         metrics["restarted"] = float(restarted)
         return metrics
 
@@ -380,7 +435,8 @@ class VQTrainer:
         return metrics
 
     def export(self) -> list[Path]:
-        if self.last_eval_step != self.step:
+        # Under DDP export runs on rank 0 alone, and evaluating takes every rank: the last evaluation's numbers.
+        if self.last_eval_step != self.step and not self.proc.distributed:
             self.evaluate()
         ev = self.last_eval
         extra = {
@@ -409,7 +465,8 @@ class VQTrainer:
             x = self._next_batch()
             with autocast(self.device, self.cfg.amp):
                 z = self.model.encode(x).float()
-            vectors.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+            # Every rank's rows of this batch, in rank order: rank 0 clusters the global batches.
+            vectors.append(all_gather_rows(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])))
         q = self.model.quantizer
         if self.proc.is_main:
             q.init_kmeans(torch.cat(vectors), self.generator, iters=self.cfg.kmeans_iters)
@@ -432,20 +489,31 @@ class VQTrainer:
                 rows_dev = rows.to(target.device)
                 target[rows_dev] = value[rows_dev]
 
-    def _average_gradients(self, module: torch.nn.Module) -> None:
-        if not self.proc.distributed:
-            return
-        for p in module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(self.proc.world_size)
+    def _rederive_position(self, loader_state: dict[str, Any]) -> dict[str, Any]:
+        """A data position saved by another number of processes, mapped onto this run: as many training
+        images read in all, spread over this run's ranks. Their shares of the shards differ, so the
+        images that follow are not the ones an uninterrupted run would have read."""
+        before = int(loader_state.get("world_size", self.proc.world_size))
+        if before == self.proc.world_size:
+            return loader_state
+        read = int(loader_state["batches"]) * int(loader_state["batch_size"]) * before
+        batches = read // (self.cfg.batch_size * self.proc.world_size)
+        if self.proc.is_main:
+            console.print(f"[yellow]note:[/yellow] data position re-derived: {read:,} training images read by "
+                          f"{before} process(es) → batch {batches:,} of each of the {self.proc.world_size} "
+                          "processes' shares")
+        return {**loader_state, "world_size": self.proc.world_size, "batches": batches}
 
-    def _mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
-        if not self.proc.distributed:
-            return value
-        value = value.clone()
-        dist.all_reduce(value)
-        return value / self.proc.world_size
+
+class _RealFake(nn.Module):
+    """The discriminator on real and on reconstructed images in one call: DDP needs one forward per backward."""
+
+    def __init__(self, disc: nn.Module):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.disc(real), self.disc(fake)
 
 
 def _recon_sums(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -455,14 +523,6 @@ def _recon_sums(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     mse = (diff / 2).pow(2).mean(1).clamp(min=1e-10)  # [-1, 1] → [0, 1] scale
     psnr = -10 * torch.log10(mse)
     return torch.stack([l1.sum(), psnr.sum(), torch.tensor(float(images.shape[0]), device=l1.device)]).double().cpu()
-
-
-def _init_distributed(proc: ProcessInfo, device: torch.device) -> bool:
-    """Join the torchrun process group if this is a multi-process run; True if we created it."""
-    if not proc.distributed or dist.is_initialized():
-        return False
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
 
 
 def train_vq(
@@ -486,9 +546,7 @@ def train_vq(
     if output.exists() and not (resume or overwrite):
         raise VqtoolError(f"{output} exists; pass --overwrite to train a new one, or --resume to continue its run")
     dev = resolve_device(device)
-    proc = process_info()
-    created = _init_distributed(proc, dev)
-    try:
+    with distributed_session(dev, process_info()) as proc:
         task = VQTrainer(vq_cfg, cfg, shards, output, paths.figures(STAGE), seed=seed, device=dev, proc=proc)
         settings = LoopSettings(max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, log_every=cfg.log_every,
                                 eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
@@ -496,9 +554,6 @@ def train_vq(
         result: LoopResult = run_loop(task, settings, checkpoint, paths.log(STAGE), resume=resume,
                                       overwrite=overwrite, proc=proc)
         seconds = time.monotonic() - start
-    finally:
-        if created:
-            dist.destroy_process_group()
     done = result.step - (task.session_start_step if task.session_start_step is not None else result.step)
     return TrainVQResult(output=output, step=result.step, reason=result.reason, steps_this_session=done,
                          seconds=seconds, val=result.last_eval or task.last_eval, grid=task.last_grid,
