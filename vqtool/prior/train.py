@@ -39,6 +39,7 @@ from vqtool.distributed import (
     all_reduce_mean,
     all_reduce_sum,
     distributed_session,
+    layout_change_note,
     no_sync,
     process_info,
     rank_seed,
@@ -435,16 +436,10 @@ class PriorTrainTask:
         best = state["best"]
         self.best_bpt, self.best_step, self.evals_since_best = best["bpt"], best["step"], int(best["since"])
         self.finished = bool(state["finished"])
-        layout = state.get("layout", {"world_size": 1, "grad_accum": 1})
-        before = self.cfg.batch_size * int(layout["world_size"]) * int(layout["grad_accum"])
-        now = self.cfg.batch_size * self.proc.world_size * self.cfg.grad_accum
-        if before != now and self.proc.is_main:
-            console.print(
-                f"[yellow]note:[/yellow] the global batch changes from {before} ({self.cfg.batch_size} × "
-                f"{layout['grad_accum']} accumulated × {layout['world_size']} processes) to {now} "
-                f"({self.cfg.batch_size} × {self.cfg.grad_accum} × {self.proc.world_size}); set --grad-accum "
-                "so that batch × grad-accum × processes stays the same to continue the run unchanged"
-            )
+        note = layout_change_note(self.cfg.batch_size, state.get("layout", {"world_size": 1, "grad_accum": 1}),
+                                  self.proc.world_size, self.cfg.grad_accum)
+        if note and self.proc.is_main:
+            console.print(f"[yellow]note:[/yellow] {note}")
 
     def resume_key(self) -> dict[str, Any]:
         return {"prior": self.cfg.prior, "model": dataclasses.asdict(self.model_cfg),
