@@ -129,6 +129,10 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}")
     for key, seconds in results.items():
         print(f"{key:<66} {seconds:>9,.1f} s")
+    for report in sorted(work.glob("*/eval/*.json")):
+        data = json.loads(report.read_text())
+        if "cpu_seconds" in data:
+            print(f"{report.relative_to(work)}: {data['seconds']:,.1f} s wall, {data['cpu_seconds']:,.1f} s CPU")
     print(f"samples found at LPIPS distance 0 among 50,000: {at_zero} of 16")
     print(f"verdict with 8 planted training copies: {verdict['verdict']} (flagged {verdict['flagged']})")
     (work / "results.json").write_text(json.dumps({"seconds": results, "at_zero": at_zero,
