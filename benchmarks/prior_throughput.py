@@ -3,10 +3,11 @@
 The `bench` config of issue 4: 8 layers, width 256, 8 heads, 16×16 tokens, 1024 codes, batch 16,
 randomly initialised (speed does not depend on the weights). A training step is counted as
 6·P·tokens (P = matmul parameters, output head included) plus the attention matmuls, 3 × 4·L²·d per
-layer and sequence: about 187 GFLOP. The fraction of peak is measured in the same process: each timed
-round of training steps is followed at once by the same number of FLOPs as 2048² fp32 matmuls, and the
-ratio of the two times is that round's fraction, so a busy machine slows both alike. The median over
-rounds is the number to read; the best round is shown too.
+layer and sequence: about 187 GFLOP. The fraction of peak is measured in the same process: in each
+round every path's training steps are followed at once by the same number of FLOPs as 2048² fp32
+matmuls, and the ratio of the two times is that round's fraction, so a busy machine slows both alike.
+Medians over rounds are printed, in wall-clock time and in CPU time (which leaves out the time spent
+waiting for a core that other jobs hold: on a shared machine the steadier number).
 
 Training paths, back to back:
   reference  logits at every position, CE over the masked ones, torch's default AdamW (the official
@@ -27,6 +28,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,20 +40,32 @@ from vqtool.prior.train import PriorTrainTask, TrainPriorConfig
 from vqtool.prior.transformer import Transformer, TransformerConfig
 
 
-def matmul_seconds(gflop: float, n: int = 2048) -> float:
-    """Seconds this machine takes for `gflop` of n×n fp32 matmuls right now (the peak's time)."""
+class Clock:
+    """Wall time and this process's CPU time (all its threads) since creation."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def matmul_seconds(gflop: float, n: int = 2048) -> tuple[float, float]:
+    """(wall, CPU) seconds this machine takes right now for `gflop` of n×n fp32 matmuls: the peak's time."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     count = max(1, round(gflop * 1e9 / (2 * n**3)))
-    start = time.perf_counter()
+    clock = Clock()
     for _ in range(count):
         a @ b
-    return (time.perf_counter() - start) * gflop * 1e9 / (2 * n**3 * count)
+    wall, cpu = clock.read()
+    scale = gflop * 1e9 / (2 * n**3 * count)
+    return wall * scale, cpu * scale
 
 
 def matmul_peak(n: int = 2048) -> float:
-    """fp32 GFLOP/s of n×n matmuls, timed over about 20 GFLOP."""
-    return 20 / matmul_seconds(20, n)
+    """fp32 GFLOP/s of n×n matmuls (wall clock), timed over about 20 GFLOP."""
+    return 20 / matmul_seconds(20, n)[0]
 
 
 def step_flops(cfg: TransformerConfig, batch: int) -> float:
@@ -90,20 +104,30 @@ class ReferenceStep:
         self.optimizer.step()
 
 
-def time_training(step, flops: float, rounds: int, steps: int) -> dict[str, float]:
-    """Each round times `steps` training steps, then the same FLOPs as 2048² matmuls right after; the
-    fraction of peak is their ratio, so slow drifts in the machine's load cancel within a round."""
-    step()  # warm-up (first-call allocations, compilation)
-    fractions, times = [], []
+def time_training(paths: list[tuple[str, Callable[[], object]]], flops: float, rounds: int,
+                  steps: int) -> dict[str, dict[str, list[float]]]:
+    """Rounds of: for each path, `steps` training steps, then the same FLOPs as 2048² matmuls at once.
+
+    A round's fraction of peak is matmul time / step time, in wall-clock and in CPU time. Paths and
+    matmuls alternate, so a change in the machine's load hits them alike. CPU time leaves out the time
+    the process waits for a core that other jobs hold (with several threads it includes their spinning).
+    """
+    for _, step in paths:
+        step()  # warm-up (first-call allocations, compilation)
+    out = {name: {"wall": [], "cpu": [], "fraction_wall": [], "fraction_cpu": []} for name, _ in paths}
     for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        dt = (time.perf_counter() - start) / steps
-        times.append(dt)
-        fractions.append(matmul_seconds(flops / 1e9) / dt)
-    return {"step_s": min(times), "median_step_s": statistics.median(times), "best_fraction": max(fractions),
-            "median_fraction": statistics.median(fractions)}
+        for name, step in paths:
+            clock = Clock()
+            for _ in range(steps):
+                step()
+            wall, cpu = (t / steps for t in clock.read())
+            peak_wall, peak_cpu = matmul_seconds(flops / 1e9)
+            rec = out[name]
+            rec["wall"].append(wall)
+            rec["cpu"].append(cpu)
+            rec["fraction_wall"].append(peak_wall / wall)
+            rec["fraction_cpu"].append(peak_cpu / cpu)
+    return out
 
 
 def time_sampling(model: Transformer, cfg: TransformerConfig, n: int, steps: int, seed: int) -> float | None:
@@ -177,18 +201,18 @@ def main() -> None:
             compiled.train_step()
             print(f"   (compiling the blocks took {time.perf_counter() - start:.0f} s)")
             paths.append(("compiled", compiled.train_step))
-        results = {}
-        for name, step in paths:
-            r = time_training(step, flops, args.rounds, args.steps)
-            results[name] = r
-            tokens_s = args.batch * cfg.n_tokens / r["median_step_s"]
-            print(f"   {name:9s}  {r['median_step_s']:.2f} s/step (best {r['step_s']:.2f})  {tokens_s:,.0f} tokens/s  "
-                  f"{100 * r['median_fraction']:.0f}% of fp32 matmul peak (best round {100 * r['best_fraction']:.0f}%)")
-        if "reference" in results:
-            for name in results:
+        results = time_training(paths, flops, args.rounds, args.steps)
+        med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
+        for name, m in med.items():
+            tokens_s = args.batch * cfg.n_tokens / m["wall"]
+            print(f"   {name:9s}  {m['wall']:.2f} s/step wall, {m['cpu']:.2f} s CPU  {tokens_s:,.0f} tokens/s  "
+                  f"{100 * m['fraction_wall']:.0f}% of fp32 matmul peak (wall clock), "
+                  f"{100 * m['fraction_cpu']:.0f}% (CPU time)")
+        if "reference" in med:
+            for name in med:
                 if name != "reference":
-                    speedup = results["reference"]["median_step_s"] / results[name]["median_step_s"]
-                    print(f"   {name} vs reference: {speedup:.2f}× faster per step (medians)")
+                    print(f"   {name} vs reference: {med['reference']['wall'] / med[name]['wall']:.2f}× faster per "
+                          f"step (wall), {med['reference']['cpu'] / med[name]['cpu']:.2f}× (CPU time)")
         if not args.no_sample:
             ips = time_sampling(task.model, cfg, args.samples, args.sample_steps, args.seed)
             if ips is None:
