@@ -222,6 +222,7 @@ class _Context:
     seed: int
     device: str
     threads: int
+    dry_run: bool = False
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.recipe.get(name) or {})
@@ -389,7 +390,8 @@ def _plan_inpaint(ctx: _Context) -> Step:
 
     def inputs() -> dict[str, Path]:
         if image is None:
-            chosen["path"], chosen["label"] = extract_image(ctx.paths.shards, int(extra["val_index"]), source)
+            chosen["path"], chosen["label"] = extract_image(ctx.paths.shards, int(extra["val_index"]), source,
+                                                            write=not ctx.dry_run)
         else:
             chosen["path"], chosen["label"] = image, None
         found = {"prior": ctx.paths.prior, "vq": ctx.paths.vq, "image": chosen["path"]}
@@ -425,8 +427,12 @@ def centre_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
     return w // 4, h // 4, w - w // 4, h - h // 4
 
 
-def extract_image(shards: Path, index: int, dest: Path) -> tuple[Path, int | None]:
-    """Write image `index` of the val split (the train split if val is empty) to `dest`; return (dest, label)."""
+def extract_image(shards: Path, index: int, dest: Path, write: bool = True) -> tuple[Path, int | None]:
+    """Write image `index` of the val split (the train split if val is empty) to `dest`; return (dest, label).
+
+    With `write` False nothing is written; a `dest` that is missing or holds another image is then
+    reported as a path that does not exist (its stage has to run).
+    """
     from vqtool.data.loader import ShardLoader
     from vqtool.data.manifest import read_manifest
     from vqtool.grids import png_bytes, to_uint8
@@ -440,11 +446,14 @@ def extract_image(shards: Path, index: int, dest: Path) -> tuple[Path, int | Non
     for images, labels in ShardLoader(shards, split, batch_size=64, infinite=False):
         if index < seen + images.shape[0]:
             data = png_bytes(to_uint8(images[index - seen]))
+            label = int(labels[index - seen]) if labels is not None else None
             if not dest.exists() or dest.read_bytes() != data:  # an unchanged file keeps its hash cache
+                if not write:
+                    return dest.with_name(dest.name + ".not-made-yet"), label
                 from vqtool.artifacts import atomic_write_bytes
 
                 atomic_write_bytes(dest, data)
-            return dest, (int(labels[index - seen]) if labels is not None else None)
+            return dest, label
         seen += images.shape[0]
     raise VqtoolError(f"{shards}: image {index} of the {split} split not found")
 
@@ -564,7 +573,8 @@ def _plan_neighbours(ctx: _Context) -> Step:
             return Outcome(message)
         if distance == "pixel":
             r = pixel_neighbours(ctx.paths, settings, ctx.device, note=_skip_message(settings))
-            return Outcome(f"pixel distance (no LPIPS weights): {r['verdict']}")
+            return Outcome(f"nearest training images by pixel distance (no LPIPS weights): median "
+                           f"{r['metrics']['sample_nn_median']:.3f} RMS")
         r = neighbour_check(ctx.paths.root, settings, sample, device=ctx.device, overwrite=True)
         return Outcome(f"LPIPS: {r.report['verdict']}")
 
@@ -632,18 +642,19 @@ class _Bar:
 
 
 def pixel_neighbours(paths: RunPaths, settings, device: str, note: str) -> dict[str, Any]:
-    """The neighbours check with RMS pixel distance instead of LPIPS: eval/<name>.png, .json, .safetensors.
+    """Nearest training images by RMS pixel distance instead of LPIPS: eval/<name>.png, .json, .safetensors.
 
-    The same search and memorisation verdict as `neighbour_check`, with full-size thumbnails so the
-    pre-selection is already the exact pixel ranking. Pixel distance judges layout and colour, not
-    perceptual similarity, so it catches copies but is a weaker test; the report says which was used.
+    The same search as `neighbour_check` (full-size thumbnails make its pre-selection the exact pixel
+    ranking), so the grid still shows whether samples copy training images. There is no memorisation
+    verdict: pixel distance favours blurry images, so unsharp samples would look "closer" to the
+    training set than real held-out images do.
     """
     import numpy as np
 
     from vqtool.artifacts import atomic_write_bytes
     from vqtool.device import resolve_device
     from vqtool.eval.figures import neighbour_grid
-    from vqtool.eval.neighbours import memorisation_verdict, preselect
+    from vqtool.eval.neighbours import preselect
     from vqtool.eval.report import write_report
     from vqtool.eval.sources import resolve_path_source, samples_source, shards_source
     from vqtool.grids import png_bytes
@@ -651,53 +662,37 @@ def pixel_neighbours(paths: RunPaths, settings, device: str, note: str) -> dict[
 
     s = settings
     dev = resolve_device(device)
-    shards = Path(s.shards) if s.shards else paths.shards
     vq = load_vq(Path(s.vq) if s.vq else paths.vq, dev)
+    shards = Path(s.shards) if s.shards else paths.shards
     train = resolve_path_source(s.train, "--train", "train") if s.train else shards_source(shards, "train")
     if s.fake:
         fake = resolve_path_source(s.fake, "--fake", "train", train.image_size, lambda: vq, dev)
     else:
         fake = samples_source(paths.samples_artifact, vq, dev, option="neighbours")
-    val = shards_source(shards, "val") if s.n_val and not s.val else (
-        resolve_path_source(s.val, "--val", "val", train.image_size) if s.val else None)
-    n_val = min(s.n_val, val.available) if val is not None else 0
     fake.check(s.n)
     train.check(1)
     samples = torch.cat(list(fake.batches(s.n, s.batch_size)))
-    val_images = torch.cat(list(val.batches(n_val, s.batch_size))) if n_val else samples[:0]
-    queries = torch.cat([samples, val_images])
     with progress() as bar:
         job = bar.add_task("pixel neighbours", total=train.available, status="")
-        cand, pool, seen = preselect(queries, train.batches(train.available, s.batch_size), s.k,
+        cand, pool, seen = preselect(samples, train.batches(train.available, s.batch_size), s.k,
                                      thumb_size=train.image_size, on_batch=lambda k: bar.advance(job, k))
     neighbours = torch.stack([torch.stack([pool[int(i)] for i in row]) for row in cand]).float() / 127.5 - 1.0
     # RMS over pixel values in [0, 1]: 0 is identical, 1 is black against white everywhere.
-    dist = ((neighbours - queries.unsqueeze(1)) / 2).pow(2).flatten(2).mean(2).sqrt()
-    d_samples, i_samples = dist[:s.n], cand[:s.n]
-    val_nearest = dist[s.n:, 0] if n_val else None
-    verdict = memorisation_verdict(d_samples[:, 0], val_nearest, s.percentile, s.alpha) if n_val else None
+    dist = ((neighbours - samples.unsqueeze(1)) / 2).pow(2).flatten(2).mean(2).sqrt()
     paths.eval.mkdir(parents=True, exist_ok=True)
     grid_path = paths.eval / f"{s.name}.png"
-    grid = neighbour_grid(samples, neighbours[:s.n], d_samples, set(verdict.flagged) if verdict else set(), i_samples)
-    atomic_write_bytes(grid_path, png_bytes(np.asarray(grid)))
-    metrics = {"sample_nn_median": float(d_samples[:, 0].median()), "sample_nn_min": float(d_samples[:, 0].min()),
-               "val_nn_median": float(val_nearest.median()) if n_val else None,
-               "val_nn_percentile": verdict.threshold if verdict else None,
-               "flagged_fraction": verdict.fraction if verdict else None,
-               "binomial_p": verdict.p_value if verdict else None}
-    body = {"distance": "pixel-rms", "note": note,
-            "verdict": verdict.verdict if verdict else "unavailable (no val images)",
-            "message": (verdict.message if verdict else "no val images to compare with") + " (pixel distance)",
-            "flagged": verdict.flagged if verdict else [], "possible_copies": verdict.copies if verdict else [],
-            "train_images": seen, "n_val": n_val, "fake": {**fake.describe, "n": s.n}, "train": train.describe,
+    atomic_write_bytes(grid_path, png_bytes(np.asarray(neighbour_grid(samples, neighbours, dist, set(), cand))))
+    metrics = {"sample_nn_median": float(dist[:, 0].median()), "sample_nn_min": float(dist[:, 0].min())}
+    body = {"distance": "pixel-rms", "note": note, "verdict": "unavailable (pixel distance)",
+            "message": f"nearest training images of {s.n} samples by pixel distance; no memorisation verdict "
+                       "without LPIPS (pixel distance favours blurry images)",
+            "train_images": seen, "fake": {**fake.describe, "n": s.n}, "train": train.describe,
             "grid": str(grid_path)}
     parents = {"vq": vq.sha256, **{f"fake_{k}": v for k, v in fake.parents.items()},
                **{f"train_{k}": v for k, v in train.parents.items()}}
-    tensors = {"distances": d_samples, "indices": i_samples}
-    if n_val:
-        tensors["val_nearest"] = val_nearest
     return write_report(paths.eval / f"{s.name}.json", paths.eval / f"{s.name}.safetensors", metrics, body,
-                        {**to_dict(s), "distance": "pixel-rms", "device": dev.type}, parents, tensors)
+                        {**to_dict(s), "distance": "pixel-rms", "device": dev.type}, parents,
+                        {"distances": dist, "indices": cand})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -851,7 +846,7 @@ def run_pipeline(
     threads = options.threads if options.threads is not None else int(recipe.get("threads") or 0)
     if threads < 0:
         raise VqtoolError(f"--threads {threads}: must be 0 (torch's default) or more")
-    ctx = _Context(RunPaths.of(run), recipe, chosen, seed, device, threads)
+    ctx = _Context(RunPaths.of(run), recipe, chosen, seed, device, threads, options.dry_run)
     steps = [_PLANNERS[name](ctx) for name in chosen]  # every setting is checked before anything runs
     ledger = Ledger(ctx.paths.root / LEDGER_NAME)
 
@@ -919,11 +914,14 @@ def _finish(record: dict[str, Any], step: Step, t0: float, status: str, summary:
 
 def _dry_run(step: Step, entry: dict[str, Any] | None, options: PipelineOptions,
              changing: dict[Path, str]) -> StageReport:
-    paths = {role: Path(p) for role, p in _inputs_or_none(step).items()}
-    after = sorted({changing[p] for p in paths.values() if p in changing})
+    try:
+        paths = {role: Path(p) for role, p in step.inputs().items()}
+    except VqtoolError:  # e.g. the inpaint image comes from shards that are not prepared yet
+        paths = None
+    after = sorted({changing[p] for p in paths.values() if p in changing}) if paths is not None else []
     if after:
         why = "after " + ", ".join(after)
-    elif any(not p.exists() for p in paths.values()):
+    elif paths is None or any(not p.exists() for p in paths.values()):
         why = "inputs not made yet"
     else:
         action, why = _decide(step, entry, {r: input_hash(p) for r, p in paths.items()}, options.overwrite)
@@ -934,14 +932,6 @@ def _dry_run(step: Step, entry: dict[str, Any] | None, options: PipelineOptions,
     if step.output.name == MANIFEST_NAME:
         changing[step.output.parent] = step.stage  # later stages name the shards folder
     return StageReport(step.stage, "would run", why, 0.0, step.output, "")
-
-
-def _inputs_or_none(step: Step) -> dict[str, Path]:
-    # In a dry run the inpaint source image may not be extractable yet (no shards): treat it as not made.
-    try:
-        return step.inputs()
-    except VqtoolError:
-        return {"shards": Path("\0missing")}
 
 
 def load_and_run(recipe_path: str | Path, run: str | Path, overrides: list[str] | None = None,
