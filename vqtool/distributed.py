@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -131,16 +132,23 @@ def barrier() -> None:
 # DDP
 
 
-def wrap_ddp(module: nn.Module, device: torch.device, **kwargs: Any) -> nn.Module:
+def wrap_ddp(module: nn.Module, device: torch.device, sync_buffers: bool = True) -> nn.Module:
     """`module` in DistributedDataParallel when several processes train it, else `module` itself.
 
     DDP averages gradients across ranks during backward (bucketed, overlapped with the computation)
-    and broadcasts rank 0's parameters once at construction, so every rank starts identical.
+    and broadcasts rank 0's parameters and buffers once at construction, so every rank starts
+    identical. `sync_buffers=False`: no broadcast of rank 0's buffers before every forward (for
+    modules whose buffers the caller keeps in step itself).
     """
     if not active():
         return module
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
+    ddp = nn.parallel.DistributedDataParallel
+    # torch 2.14 renamed the per-forward buffer broadcast; older versions only know broadcast_buffers.
+    name = "forward_sync_buffers"
+    if name not in inspect.signature(ddp).parameters:
+        name = "broadcast_buffers"
+    return ddp(module, device_ids=device_ids, **{name: sync_buffers})
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -158,21 +166,20 @@ def no_sync(module: nn.Module, skip: bool = True) -> contextlib.AbstractContextM
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch (all ranks together).
 
-    torch's SyncBatchNorm does this on GPUs only; this one runs anywhere, through the autograd-aware
-    all_reduce (its backward all-reduces the gradients of the statistics). Two passes, mean then
-    variance, like F.batch_norm, for the same precision. Same parameters and buffers as BatchNorm2d.
+    torch's SyncBatchNorm does this on GPUs only; this one runs anywhere (used on CPU, with gloo): the
+    per-channel sums go through an all-reduce whose backward all-reduces their gradients. Two passes,
+    mean then variance, like F.batch_norm, for the same precision. Same parameters and buffers as
+    BatchNorm2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
-
         dims = (0, 2, 3)
         n = float(all_reduce_sum(torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64)))
-        mean = differentiable_all_reduce(x.sum(dims)) / n
+        mean = _SumOverRanks.apply(x.sum(dims)) / n
         centred = x - mean[None, :, None, None]
-        var = differentiable_all_reduce(centred.pow(2).sum(dims)) / n
+        var = _SumOverRanks.apply(centred.pow(2).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -184,6 +191,23 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return y
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """y = Σ_ranks x. Every rank's loss depends on y, so the gradient reaching x is Σ_ranks ∂L_r/∂y: the
+    backward is the same all-reduce."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.detach().clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.detach().clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 def global_batchnorm(module: nn.Module) -> nn.Module:

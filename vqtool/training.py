@@ -245,10 +245,11 @@ def run_loop(
         if proc.is_main:
             console.print(f"resumed {task.stage} from {checkpoint_path} at step {task.step}")
             if saved_world != proc.world_size:
+                kept = min(saved_world, proc.world_size)
+                fresh = f", ranks {kept}-{proc.world_size - 1} start fresh ones" if proc.world_size > kept else ""
                 console.print(
                     f"[yellow]note:[/yellow] the checkpoint was written by {saved_world} process(es), this run has "
-                    f"{proc.world_size}: ranks below {min(saved_world, proc.world_size)} keep their random streams, "
-                    "the others get fresh ones, and per-rank data positions are re-derived"
+                    f"{proc.world_size}: ranks 0-{kept - 1} keep their own random streams{fresh}"
                 )
     else:
         if checkpoint_path.exists() and not overwrite:

@@ -11,6 +11,7 @@ from rich.markup import escape
 from vqtool.cli import options, stage_command
 from vqtool.config import load_recipe, merge, parse_overrides
 from vqtool.console import console, summary_table
+from vqtool.distributed import process_info
 from vqtool.runs import RunPaths
 from vqtool.training import Interrupted
 
@@ -88,6 +89,7 @@ def train_prior_command(
         ("checkpoint", r.checkpoint),
         ("log", r.log),
     ]
-    console.print(summary_table("train-prior", [(k, escape(str(v))) for k, v in rows]))
+    if process_info().is_main:  # one table per run, not one per torchrun process
+        console.print(summary_table("train-prior", [(k, escape(str(v))) for k, v in rows]))
     if r.reason == "interrupted":
         raise Interrupted(f"saved a checkpoint at step {r.steps}; continue with --resume")

@@ -12,6 +12,7 @@ from rich.markup import escape
 from vqtool.cli import options, stage_command
 from vqtool.config import load_recipe, merge, parse_overrides
 from vqtool.console import console, summary_table
+from vqtool.distributed import process_info
 from vqtool.errors import VqtoolError
 from vqtool.training import Interrupted
 from vqtool.vq.model import VQConfig
@@ -109,7 +110,8 @@ def train_vq_command(
         ("grid", r.grid or "-"),
         ("log", Path(run) / "train-vq.jsonl"),
     ]
-    console.print(summary_table("train-vq", [(k, escape(str(v))) for k, v in rows]))
+    if process_info().is_main:  # one table per run, not one per torchrun process
+        console.print(summary_table("train-vq", [(k, escape(str(v))) for k, v in rows]))
     if r.reason == "interrupted":
         raise Interrupted(f"saved a checkpoint at step {r.step}; continue with --resume")
 

@@ -213,8 +213,8 @@ class VQTrainer:
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=betas)
         # What the optimisation steps call: DDP averages the gradients over the ranks during backward
         # (the modules themselves in one process). Usage is summed explicitly, so no buffer broadcasts.
-        self.train_model = wrap_ddp(self.model, self.device, broadcast_buffers=False)
-        self.disc_pair = wrap_ddp(_RealFake(self.disc), self.device, broadcast_buffers=False)
+        self.train_model = wrap_ddp(self.model, self.device, sync_buffers=False)
+        self.disc_pair = wrap_ddp(_RealFake(self.disc), self.device, sync_buffers=False)
         self.ema = EMA(self.model, cfg.ema_decay)
         self.eval_model = copy.deepcopy(self.model).eval()
         self.eval_model.requires_grad_(False)
