@@ -224,17 +224,17 @@ def _check_global_batchnorm(rank: int, world: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, tiny_shards) -> Path:
+def launches(tmp_path_factory, tiny_shards) -> dict:
+    """Both 2-process launches, at the same time (each alone leaves the cores idle while its ranks wait
+    for one another):
+
+    - torch.multiprocessing.spawn of `_rank_main`: collectives, train-vq 2 × 2 images, train-prior
+      2 × 2 grids × grad-accum 2;
+    - `torchrun --nproc_per_node=2 -m vqtool -- train-prior --run R ...`, 2 ranks × batch 4, 3 steps.
+      (The `--` keeps torchrun's own parser from taking `--run` for an abbreviation of its --run-path.)
+    """
     work = tmp_path_factory.mktemp("ddp")
     make_latents(work / "latents.safetensors")
-    mp.spawn(_rank_main, args=(2, free_port(), str(work), str(tiny_shards)), nprocs=2, join=True)
-    return work
-
-
-@pytest.fixture(scope="module")
-def torchrun_prior(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """`torchrun --nproc_per_node=2 -m vqtool -- train-prior --run R ...`, 2 ranks × batch 4, 3 steps.
-    (The `--` keeps torchrun's own parser from taking `--run` for an abbreviation of its --run-path.)"""
     run = tmp_path_factory.mktemp("torchrun") / "run"
     run.mkdir()
     make_latents(run / "latents.safetensors")
@@ -245,9 +245,27 @@ def torchrun_prior(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]
                     "log_every=1", "eval_every=2", "checkpoint_every=3", "val_batches=1", "val_nll_samples=2"):
         cmd += ["--set", setting]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run, done
+    with open(run.parent / "stderr.txt", "w") as err:
+        torchrun = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            mp.spawn(_rank_main, args=(2, free_port(), str(work), str(tiny_shards)), nprocs=2, join=True)
+            code = torchrun.wait(timeout=600)
+        finally:
+            if torchrun.poll() is None:
+                torchrun.kill()
+    stderr = (run.parent / "stderr.txt").read_text()
+    assert code == 0, stderr[-3000:]
+    return {"work": work, "run": run, "stderr": stderr}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(launches) -> Path:
+    return launches["work"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_prior(launches) -> tuple[Path, str]:
+    return launches["run"], launches["stderr"]
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +343,7 @@ def test_prior_grad_accum_equals_the_large_batch(tmp_path):
 
 
 def test_prior_two_ranks_equal_one_process_with_twice_the_batch(torchrun_prior, prior_reference):
-    run, done = torchrun_prior
+    run, stderr = torchrun_prior
     ddp, extra = checkpoint_state(run / "checkpoints" / "train-prior-last.safetensors")
     one, one_extra = checkpoint_state(prior_reference / "ck3.safetensors")
     assert (extra["world_size"], one_extra["world_size"], extra["step"]) == (2, 1, 3)
@@ -344,7 +362,7 @@ def test_prior_two_ranks_equal_one_process_with_twice_the_batch(torchrun_prior, 
     assert len(ddp["ranks"]) == 2
     assert not torch.equal(ddp["ranks"][0]["rng"]["torch"], ddp["ranks"][1]["rng"]["torch"])
     assert (run / "prior.safetensors").exists()
-    assert "resumed" not in done.stderr
+    assert "resumed" not in stderr and stderr.count("throughput") == 1  # one summary table, from rank 0
 
 
 def test_prior_two_ranks_with_grad_accum_equal_one_process(two_ranks, prior_reference):
