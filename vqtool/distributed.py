@@ -91,11 +91,11 @@ def distributed_session(device: torch.device, proc: ProcessInfo | None = None,
     one created here is destroyed on the way out, also after an error.
     """
     proc = proc or process_info()
+    if proc.distributed and not dist.is_available():
+        raise VqtoolError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
     if not proc.distributed or dist.is_initialized():
         yield proc
         return
-    if not dist.is_available():
-        raise VqtoolError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise VqtoolError(f"WORLD_SIZE={proc.world_size} but {', '.join(missing)} is not set; "
