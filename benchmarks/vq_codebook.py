@@ -20,14 +20,19 @@ from vqtool.artifacts import read_metadata
 from vqtool.vq.model import VQConfig
 from vqtool.vq.train import TrainVQConfig, train_vq
 
-VARIANTS = {
-    "plain (euclidean, random init, no restarts)": dict(cosine=False, kmeans_init=False, restart_threshold=0.0),
-    "plain, high-dim codes (code_dim 256)": dict(cosine=False, kmeans_init=False, restart_threshold=0.0,
-                                                 code_dim=256),
-    "cosine lookup only": dict(cosine=True, kmeans_init=False, restart_threshold=0.0),
-    "k-means init + restarts (euclidean)": dict(cosine=False, kmeans_init=True, restart_threshold=0.1),
-    "cosine + k-means init + restarts (default)": dict(cosine=True, kmeans_init=True, restart_threshold=0.1),
+VARIANTS = {  # key: (description, quantizer settings)
+    "plain": ("plain (euclidean, random init, no restarts)",
+              dict(cosine=False, kmeans_init=False, restart_threshold=0.0)),
+    "plain-256": ("plain, high-dim codes (code_dim 256)",
+                  dict(cosine=False, kmeans_init=False, restart_threshold=0.0, code_dim=256)),
+    "cosine": ("cosine lookup only", dict(cosine=True, kmeans_init=False, restart_threshold=0.0)),
+    "kmeans-restart": ("k-means init + restarts (euclidean)",
+                       dict(cosine=False, kmeans_init=True, restart_threshold=0.1)),
+    "cosine-kmeans": ("cosine + k-means init", dict(cosine=True, kmeans_init=True, restart_threshold=0.0)),
+    "cosine-restart": ("cosine + restarts", dict(cosine=True, kmeans_init=False, restart_threshold=0.1)),
+    "all": ("cosine + k-means init + restarts (default)", dict(cosine=True, kmeans_init=True, restart_threshold=0.1)),
 }
+DEFAULT = ["plain", "plain-256", "cosine", "kmeans-restart", "all"]
 
 
 def main() -> None:
@@ -39,13 +44,15 @@ def main() -> None:
     ap.add_argument("--codebook-size", type=int, default=512)
     ap.add_argument("--code-dim", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=None, help="Where the runs go (default: a temporary folder).")
     ap.add_argument("--json", type=Path, default=None, help="Also write the table as JSON here.")
     args = ap.parse_args()
 
     root = args.out or Path(tempfile.mkdtemp(prefix="vq-codebook-"))
     rows = []
-    for i, (name, remedies) in enumerate(VARIANTS.items()):
+    for key in args.variants:
+        name, remedies = VARIANTS[key]
         base = dict(ch=args.ch, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=32,
                     codebook_size=args.codebook_size, code_dim=args.code_dim)
         vq = VQConfig(**{**base, **remedies})
@@ -53,7 +60,7 @@ def main() -> None:
                             max_steps=args.steps, log_every=50, eval_every=10**9, checkpoint_every=10**9,
                             eval_images=1000, ema_decay=0.99)
         t = time.perf_counter()
-        r = train_vq(root / f"variant-{i}", vq, cfg, seed=args.seed, device="cpu", shards=args.shards, overwrite=True)
+        r = train_vq(root / key, vq, cfg, seed=args.seed, device="cpu", shards=args.shards, overwrite=True)
         extra = read_metadata(r.output).extra
         rows.append({"variant": name, "usage": extra["codebook"]["usage"],
                      "perplexity": extra["codebook"]["perplexity"], "psnr": extra["val"]["psnr"],

@@ -156,10 +156,12 @@ def reconstruct_command(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     weights: str = Weights,
     device: str = options.Device,
+    threads: int = Threads,
 ) -> None:
     """Images → centre-crop to the VQ's size → encode → decode → one PNG each + comparison.png."""
     from vqtool.vq.encode import reconstruct_images
 
+    _set_threads(threads)
     r = reconstruct_images(run, images, vq, out, batch_size=batch_size, device=device, weights=weights)
     rows = [("images", r.count), ("output", r.out_dir), ("comparison", r.grid), ("mean PSNR", f"{r.psnr:.2f} dB")]
     console.print(summary_table("reconstruct", [(k, escape(str(v))) for k, v in rows]))
@@ -177,10 +179,12 @@ def decode_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Grids per forward pass."),
     weights: str = Weights,
     device: str = options.Device,
+    threads: int = Threads,
 ) -> None:
     """Token grids (latents or samples artifact) → PNG images and grid.png, checking they were made by this VQ."""
     from vqtool.vq.encode import decode_artifact
 
+    _set_threads(threads)
     r = decode_artifact(run, source, vq, out, split=split, limit=limit, batch_size=batch_size, device=device,
                         weights=weights)
     rows = [("source", f"{r.source} ({r.kind})"), ("images", len(r.files)), ("output", r.out_dir), ("grid", r.grid)]
