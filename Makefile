@@ -13,7 +13,7 @@ $(BIN)/vqtool: pyproject.toml constraints.txt
 install: $(BIN)/vqtool
 
 demo: install
-	$(BIN)/vqtool prepare --synthetic shapes --count 2000 --size 32 --run runs/demo --overwrite
+	$(BIN)/vqtool quickstart --run runs/quickstart
 
 test: install
 	$(BIN)/ruff check vqtool tests benchmarks

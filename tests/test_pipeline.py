@@ -173,7 +173,7 @@ def test_changed_setting_reruns_that_stage_and_downstream(quick, tmp_path):
 
 def test_changed_input_reruns_downstream(quick, tmp_path):
     run = _copy(quick[0], tmp_path)
-    result = quickstart(run, [*TINY, "train_vq.lr=0.001"], PipelineOptions(**OPTIONS))
+    result = quickstart(run, [*TINY, "train_vq.lr=0.0003"], PipelineOptions(**OPTIONS))
     status = {r.stage: r.status for r in result.stages}
     assert status == {"prepare": "up to date", **{s: "ran" for s in STAGES[1:]}}
     assert next(r.why for r in result.stages if r.stage == "encode") == "input changed: vq"

@@ -475,8 +475,9 @@ def _plan_eval(ctx: _Context) -> Step:
     if unknown:
         raise VqtoolError(f"eval.optional_metrics: {', '.join(unknown)}; choose from {', '.join(GENERATIVE)} "
                           "(metrics added when the feature extractor's weights are present)")
-    if optional and feature_weights_present(settings):
-        settings.metrics = [*settings.metrics, *[m for m in optional if m not in settings.metrics]]
+    dropped = [m for m in optional if m not in settings.metrics]
+    if dropped and feature_weights_present(settings):
+        settings.metrics, dropped = [*settings.metrics, *dropped], []
     uses_samples = bool(set(settings.metrics) & set(GENERATIVE)) and settings.fake is None and (
         "sample" in ctx.stages or ctx.paths.samples_artifact.exists())
     if uses_samples:
@@ -504,10 +505,13 @@ def _plan_eval(ctx: _Context) -> Step:
 
     def run(resume: bool) -> Outcome:
         r = evaluate(ctx.paths.root, settings, sample, device=ctx.device, seed=ctx.seed, overwrite=True)
-        shown = [f"{k} {v:.4g}" for k, v in r.metrics.items()
+        from vqtool.eval.report import LABELS, format_value
+
+        shown = [f"{LABELS[k][0]} {format_value(k, v)}" for k, v in r.metrics.items()
                  if v is not None and k in ("fid", "precision", "recall", "recon_psnr", "codebook_usage",
-                                            "nll_val_bpt", "nll_val_bpd")]
-        return Outcome(", ".join(shown) or "no metrics")
+                                            "nll_val_bpt")]
+        skipped = f" ({', '.join(dropped)} left out: no {settings.features} weights)" if dropped else ""
+        return Outcome((", ".join(shown) or "no metrics") + skipped)
 
     return Step("eval", recorded, ctx.paths.eval / f"{settings.name}.safetensors", inputs, run)
 

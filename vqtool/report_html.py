@@ -106,11 +106,14 @@ def _samples(root: Path, paths: RunPaths) -> str:
     grid = paths.samples / "grid.png"
     if not grid.exists() or not paths.samples_artifact.exists():
         return _missing("samples", "sample")
-    cfg = read_metadata(paths.samples_artifact, "samples").config
+    meta = read_metadata(paths.samples_artifact, "samples")
+    cfg = meta.config
     caption = (f"{cfg.get('n', '?')} images from the {cfg.get('prior_kind', '')} prior: {cfg.get('schedule', '')} "
                f"schedule, {cfg.get('steps', '?')} steps, temperature {cfg.get('temperature', '?')}")
-    if cfg.get("class") is None and cfg.get("prior_kind"):
-        caption += " (class-conditional priors: classes in turn)"
+    classes = meta.extra.get("classes") or []
+    if "labels" in meta.extra.get("_tensors", {}) and classes:
+        caption += (f"; class {classes[int(cfg['class'])]}" if cfg.get("class") is not None
+                    else f"; classes in turn, row by row: {', '.join(map(str, classes[:12]))}")
     return f"{_image(grid, root, 'sample grid')}<p class=\"note\">{html.escape(caption)}</p>"
 
 
