@@ -61,16 +61,11 @@ def stage_command(name: str, **kwargs) -> Callable:
 
 
 def _register_commands() -> None:
-    # Importing a module registers its commands on `app`.
+    # Importing a module registers its commands on `app`; each module is one stage family.
     import importlib
 
     for module in ("data", "vq", "prior", "sample", "evaluate", "pipeline"):
-        try:
-            importlib.import_module(f"vqtool.cli.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"vqtool.cli.{module}":
-                raise
-
+        importlib.import_module(f"vqtool.cli.{module}")
 
 _register_commands()
 
