@@ -222,9 +222,11 @@ def test_foreign_output_is_refused_unless_overwrite(quick, tmp_path):
     prior.write_bytes(prior.read_bytes() + b" ")  # changed outside the pipeline
     with pytest.raises(VqtoolError, match="not made by this pipeline"):
         quickstart(run, TINY, PipelineOptions(**OPTIONS))
-    result = quickstart(run, TINY, PipelineOptions(**OPTIONS, overwrite=True))
-    status = {r.stage: r.status for r in result.stages}
-    assert status["train-vq"] == "up to date" and status["train-prior"] == "ran"
+    result = quickstart(run, TINY, PipelineOptions(**OPTIONS, overwrite=True, dry_run=True))
+    plan = {r.stage: (r.status, r.why) for r in result.stages}
+    assert plan["train-vq"] == ("up to date", "")
+    assert plan["train-prior"] == ("would run", "replacing an output this pipeline did not make")
+    assert plan["sample"] == ("would run", "after train-prior")
 
 
 def test_recipe_stages_are_listed_or_inferred():
@@ -266,8 +268,7 @@ def test_run_command_on_a_tiny_recipe(tmp_path, no_weights):
     assert out.exit_code == 0, out.output
     assert read_metadata(tmp_path / "run" / "vq.safetensors").kind == "vq-model"
     assert not (tmp_path / "run" / "latents.safetensors").exists()  # encode is not one of its stages
-    again = runner.invoke(app, ["run", str(recipe), "--run", str(tmp_path / "run")])
-    assert again.exit_code == 0 and again.output.count("up to date") >= 2
+    assert "ran (new)" in out.output and (tmp_path / "run" / "index.html").exists()
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("prepare: {synthetic: shapes}\ndecode: {}\n")
@@ -286,3 +287,15 @@ def _recipe() -> dict:
     from vqtool.config import load_recipe
 
     return load_recipe(quickstart_recipe())
+
+
+def test_weights_appearing_later_rerun_only_eval_and_neighbours(quick, tmp_path, monkeypatch):
+    import vqtool.pipeline as pipeline
+
+    run = _copy(quick[0], tmp_path)
+    monkeypatch.setattr(pipeline, "feature_weights_present", lambda settings: True)
+    monkeypatch.setattr(pipeline, "lpips_weights_present", lambda net, weights: True)
+    result = quickstart(run, TINY, PipelineOptions(**OPTIONS, dry_run=True))
+    why = {r.stage: r.why for r in result.stages if r.status == "would run"}
+    assert set(why) == {"eval", "neighbours"}
+    assert "metrics" in why["eval"] and "fake" in why["eval"] and "distance" in why["neighbours"]

@@ -803,7 +803,10 @@ def _decide(step: Step, entry: dict[str, Any] | None, hashes: dict[str, str], ov
             changed = ", ".join(_changed_keys(old, settings))
             return "resume", f"{changed} changed: continuing from the checkpoint at step {at}"
     if not out.exists():
-        return "run", "new" if entry is None else "output missing"
+        if entry is None:
+            return "run", "new"
+        return "run", "output missing" if entry.get("status") == "done" else (
+            f"the last run did not finish ({entry.get('status')})")
     if not _owned(entry, out):
         if not overwrite:
             raise VqtoolError(f"{out}: exists but was not made by this pipeline (or was changed since); pass "
