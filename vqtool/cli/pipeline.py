@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vqtool.cli import options, stage_command
+from vqtool.cli import stage_command
 from vqtool.console import console, summary_table
 from vqtool.pipeline import PipelineOptions, PipelineResult
 
@@ -19,6 +19,8 @@ _Device = typer.Option(None, "--device", help="auto, cpu or cuda (default: the r
 _Overwrite = typer.Option(False, "--overwrite", help="Replace outputs this pipeline did not make (it never "
                                                      "replaces them otherwise).")
 _DryRun = typer.Option(False, "--dry-run", help="Only say which stages would run and why.")
+_Set = typer.Option(None, "--set", help="Override a recipe setting: --set SECTION.KEY=VALUE, e.g. "
+                                         "--set train_vq.max_steps=100, or --set seed=1 (repeatable).")
 _Stages = typer.Option(None, "--stages", help="Run only these stages, comma-separated (e.g. sample,eval).")
 
 
@@ -26,8 +28,7 @@ _Stages = typer.Option(None, "--stages", help="Run only these stages, comma-sepa
 def quickstart_command(
     run: Path = typer.Option(Path("runs/quickstart"), "--run", help="Run folder for every output."),
     config: Path = typer.Option(None, "--config", help="Another recipe instead of recipes/quickstart.yaml."),
-    set_: list[str] = typer.Option(None, "--set", help="Override a recipe setting: --set SECTION.KEY=VALUE, "
-                                                       "e.g. --set train_vq.max_steps=100 (repeatable)."),
+    set_: list[str] = _Set,
     seed: int = _Seed,
     device: str = _Device,
     threads: int = _Threads,
@@ -48,7 +49,7 @@ def run_command(
     recipe: Path = typer.Argument(..., help="Recipe YAML: sections per stage, optional `stages:` list, "
                                             "`prepare: {source: PATH}` or `{synthetic: shapes}`."),
     run: Path = typer.Option(None, "--run", help="Run folder (default: runs/RECIPE-NAME)."),
-    set_: list[str] = options.Set,
+    set_: list[str] = _Set,
     stages: str = _Stages,
     seed: int = _Seed,
     device: str = _Device,
