@@ -63,7 +63,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 # The stage whose output an input role names, for "missing input" messages.
 _MADE_BY = {"dataset": "prepare", "real_dataset": "prepare", "train_dataset": "prepare", "vq": "train-vq",
-            "latents": "encode", "prior": "train-prior", "fake_samples": "sample", "image": "inpaint"}
+            "latents": "encode", "prior": "train-prior", "fake_samples": "sample"}
 
 
 @dataclass
@@ -404,12 +404,7 @@ def _plan_inpaint(ctx: _Context) -> Step:
         class_id = extra["class"]
         if class_id is None and chosen["label"] is not None and _conditional(ctx.paths.prior):
             class_id = chosen["label"]  # complete the image as its own class
-        region = box
-        if region is None and mask is None:
-            from PIL import Image
-
-            with Image.open(path) as img:
-                region = centre_box(img.size)
+        region = box if box is not None or mask is not None else centre_box(_image_size(path))
         with _Bar("inpainting") as bar:
             r = inpaint_image(ctx.paths.prior, ctx.paths.vq, path, ctx.paths.inpaint, int(extra["n"]), settings,
                               mask_path=mask, box=region, keep_pixels=bool(extra["keep_pixels"]), class_id=class_id,
@@ -419,6 +414,17 @@ def _plan_inpaint(ctx: _Context) -> Step:
                        f"regenerated in {r.steps_run} steps")
 
     return Step("inpaint", recorded, ctx.paths.inpaint / "inpaint.safetensors", inputs, run)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(W, H) of an image file as `inpaint` sees it (EXIF orientation applied)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return (ImageOps.exif_transpose(img) or img).size
+    except (OSError, UnidentifiedImageError) as exc:
+        raise VqtoolError(f"{path}: cannot read the inpaint image ({str(exc).splitlines()[0]})") from None
 
 
 def centre_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -730,7 +736,8 @@ def _current_inputs(step: Step) -> dict[str, str]:
         path = Path(path)
         if not path.exists():
             maker = _MADE_BY.get(role)
-            hint = f"it is made by the {maker} stage: add it to the recipe's stages" if maker else "check the recipe"
+            hint = (f"it is made by the {maker} stage: add it to the recipe's stages" if maker
+                    else f"check the {step.stage} section of the recipe")
             raise VqtoolError(f"{path}: missing ({step.stage} needs it as {role}); {hint}")
         hashes[role] = input_hash(path)
     return hashes
