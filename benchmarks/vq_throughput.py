@@ -3,9 +3,9 @@
 For each recipe: a few real `VQTrainer.train_step`s (autoencoder only, then with the discriminator and
 DiffAugment on), and `encode_to_tokens` over batches, on a small synthetic shards folder rendered at
 the recipe's image size. FLOPs per step are counted with torch's FlopCounterMode, so the achieved
-GFLOP/s can be set against a 2048² fp32 matmul measured in the same process (absolute times drift on
-shared machines; the ratio is what to compare). The perceptual loss runs with a random-weight LPIPS
-backbone of the recipe's architecture: same cost, no download.
+GFLOP/s can be set against a 2048² fp32 matmul measured in the same process right before each
+measurement (absolute speed drifts on shared machines; the ratio is what to compare). The perceptual
+loss runs with a random-weight LPIPS backbone of the recipe's architecture: same cost, no download.
 
     OMP_NUM_THREADS=1 python benchmarks/vq_throughput.py                 # both recipes, CPU
     python benchmarks/vq_throughput.py --recipes cifar10-32 --steps 10 --device cuda
@@ -89,9 +89,10 @@ def bench_recipe(name: str, batch: int | None, steps: int, device: torch.device,
     for label, disc_start in (("train step, autoencoder", 10**9), ("train step, + discriminator", 0)):
         task.cfg.disc_start = disc_start
         flops = count_flops(task.train_step)
+        peak = matmul_peak(device)
         sec = timed(task.train_step, steps, device)
-        rows.append((name, f"{label} (batch {cfg.batch_size}, {perceptual})", f"{1 / sec:.3f} steps/s",
-                     f"{cfg.batch_size / sec:.1f} img/s", flops / sec / 1e9))
+        rows.append((name, f"{label} (batch {cfg.batch_size}, {perceptual})", f"{1 / sec:.3g} steps/s",
+                     cfg.batch_size / sec, flops / sec / 1e9, peak))
 
     model = task.eval_model
     model.load_state_dict(task.model.state_dict())
@@ -103,9 +104,9 @@ def bench_recipe(name: str, batch: int | None, steps: int, device: torch.device,
             model.encode_to_tokens(x)
 
     flops = count_flops(encode)
+    peak = matmul_peak(device)
     sec = timed(encode, steps, device)
-    rows.append((name, f"encode (batch {cfg.batch_size})", f"{cfg.batch_size / sec:.1f} images/s", "",
-                 flops / sec / 1e9))
+    rows.append((name, f"encode (batch {cfg.batch_size})", "", cfg.batch_size / sec, flops / sec / 1e9, peak))
     print(f"{name}: {params:.1f}M autoencoder parameters, {size} px, latents {model.latent_shape(size)}", flush=True)
     return rows
 
@@ -120,19 +121,16 @@ def main() -> None:
     args = ap.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    peak = matmul_peak(device)
-    print(f"fp32 matmul peak (2048², {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s", flush=True)
+    print(f"torch threads: {torch.get_num_threads()}, device: {device}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="vq-bench-") as tmp:
         for i, name in enumerate(args.recipes):
             batch = args.batch[i] if args.batch and i < len(args.batch) else (None if "32" in name else 2)
             rows += bench_recipe(name, batch, args.steps, device, Path(tmp))
-    peak_end = matmul_peak(device)
-    print(f"fp32 matmul peak at the end: {peak_end:.1f} GFLOP/s")
-    print("\n| recipe | measurement | rate | images/s | GFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|")
-    ref = (peak + peak_end) / 2
-    for name, what, rate, img, gflops in rows:
-        print(f"| {name} | {what} | {rate} | {img} | {gflops:.1f} | {100 * gflops / ref:.0f}% |")
+    print("\n| recipe | measurement | steps/s | images/s | achieved GFLOP/s | matmul peak GFLOP/s (just before) "
+          "| % of peak |\n|---|---|---|---|---|---|---|")
+    for name, what, rate, images, gflops, peak in rows:
+        print(f"| {name} | {what} | {rate} | {images:.3g} | {gflops:.1f} | {peak:.1f} | {100 * gflops / peak:.0f}% |")
 
 
 if __name__ == "__main__":
