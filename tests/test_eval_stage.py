@@ -305,3 +305,17 @@ def test_nll_on_train_and_val_latents_matches_dataset_nll(tiny_run, weights, kin
     art = load_artifact(r.artifact_path, "eval-report")
     assert art.tensors["nll.train"].shape == (5,)
     assert art.parents["latents"] == file_sha256(tiny_run / "latents.safetensors")
+
+
+def test_recon_alone_without_any_weights_reports_what_needs_none(tiny_run, tmp_path, monkeypatch):
+    _tiny_vq(tiny_run)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    r = evaluate(tiny_run, EvalSettings(metrics=["recon"], n=4, download=False), device="cpu", show_progress=False)
+    assert r.metrics["recon_fid"] is None and r.metrics["recon_lpips"] is None
+    assert r.metrics["recon_psnr"] > 0 and 0 < r.metrics["codebook_usage"] <= 1
+    note = r.report["recon"]["note"]
+    assert "LPIPS skipped" in note and "recon FID skipped" in note and "--feature-weights" in note
+    # Asking for FID as well, the missing weights are an error again.
+    with pytest.raises(VqtoolError, match="weights-inception"):
+        evaluate(tiny_run, EvalSettings(metrics=["recon", "fid"], n=4, download=False, name="x",
+                                        fake=str(tiny_run / "shards")), device="cpu", show_progress=False)
