@@ -106,12 +106,18 @@ def sample_command(
         ("images", f"{len(r.images)} PNGs in {r.grid.parent}"),
         ("grid", r.grid),
         ("tokens", f"{r.artifact} ({len(r.tokens)} × {H}×{W})"),
-        ("settings", f"{settings.schedule} schedule, {settings.steps} steps, temperature {settings.temperature}"
-                     + (", int8" if quantize == "int8" else "")),
+        ("settings", _describe(settings, r.prior_kind, H * W) + (", int8" if quantize == "int8" else "")),
         ("sampling", f"{r.seconds:.1f} s, {r.images_per_second:.2f} images/s"),
         ("decoding", f"{r.decode_seconds:.1f} s"),
     ]
     console.print(summary_table("sample", [(k, escape(str(v))) for k, v in rows]))
+
+
+def _describe(settings, prior_kind: str, n_tokens: int) -> str:
+    if prior_kind == "autoregressive":
+        how = "KV cache" if settings.use_cache else "full-prefix recompute"
+        return f"autoregressive, {n_tokens} tokens one at a time ({how}), temperature {settings.temperature}"
+    return f"{settings.schedule} schedule, {settings.steps} steps, temperature {settings.temperature}"
 
 
 @stage_command("inpaint")

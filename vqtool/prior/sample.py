@@ -296,6 +296,7 @@ class SampleResult:
     artifact: Path
     seconds: float  # time spent drawing tokens
     decode_seconds: float
+    prior_kind: str = "absorbing"
 
     @property
     def images_per_second(self) -> float:
@@ -400,4 +401,4 @@ def sample_images(
                  extra={"seconds": seconds, "images_per_second": n / max(seconds, 1e-9),
                         "classes": list(prior.artifact.extra.get("classes", []))})
     return SampleResult(tokens=tokens, labels=labels, images=paths, grid=grid, artifact=artifact,
-                        seconds=seconds, decode_seconds=decode_seconds)
+                        seconds=seconds, decode_seconds=decode_seconds, prior_kind=prior.kind)
