@@ -300,3 +300,20 @@ def require_parent(child: Artifact, role: str, parent_path: str | os.PathLike) -
             f"{child.path} was made from a different {role} (sha256 {expected[:12]}…) than "
             f"{parent_path} ({actual[:12]}…); rerun the stage that made {Path(child.path).name}"
         )
+
+
+def load_prefixed_weights(model: torch.nn.Module, art: Artifact, prefix: str) -> None:
+    """Load the artifact's `<prefix>.*` tensors into `model`; one-line errors when absent or unfit.
+
+    Model artifacts keep several weight sets side by side (`ema.*`, `model.*`). The tensors are
+    dropped from the artifact afterwards so the weights are not held twice.
+    """
+    head = f"{prefix}."
+    state = {k[len(head):]: v for k, v in art.tensors.items() if k.startswith(head)}
+    if not state:
+        raise VqtoolError(f"{art.path}: has no {prefix!r} weights")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise VqtoolError(f"{art.path}: weights do not fit its config ({str(exc).splitlines()[0]})") from None
+    art.tensors = {}

@@ -31,6 +31,7 @@ from vqtool.prior.sample import (
     SampleSettings,
     check_settings,
     default_labels,
+    in_batches,
     make_predictor,
     quantize_int8,
     resolve_class,
@@ -132,32 +133,14 @@ def inpaint_tokens(prior: LoadedPrior, tokens: torch.Tensor, masked: torch.Tenso
     draw = Draw(settings.temperature, settings.top_k, settings.top_p)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     n_masked = int(masked.sum())
-    batches = math.ceil(n / settings.batch_size)
-    total = batches * n_steps(schedule, n_tokens, settings.steps, n_masked)
-    done = 0
+    total = math.ceil(n / settings.batch_size) * n_steps(schedule, n_tokens, settings.steps, n_masked)
 
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
+    def draw_batch(b: int, batch_labels: torch.Tensor | None, tick) -> torch.Tensor:
+        predict = make_predictor(model, batch_labels, shape, settings.stride)
+        state = start_state.expand(b, n_tokens).clone()
+        return reveal(predict, state, mask_id, schedule, settings.steps, draw, generator, tick, n_tokens=n_tokens)
 
-    out = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, n, settings.batch_size):
-                b = min(settings.batch_size, n - start)
-                batch_labels = labels[start:start + b].to(device) if labels is not None else None
-                predict = make_predictor(model, batch_labels, shape, settings.stride)
-                state = start_state.expand(b, n_tokens).clone()
-                result = reveal(predict, state, mask_id, schedule, settings.steps, draw, generator, tick,
-                                n_tokens=n_tokens)
-                out.append(result.reshape(b, *shape).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
+    return in_batches(model, n, settings.batch_size, labels, total, progress, draw_batch).reshape(n, *shape)
 
 
 # --------------------------------------------------------------------------------------------------

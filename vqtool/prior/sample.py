@@ -221,7 +221,25 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings, labels: 
     model = prior.model
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    total = total_work(prior, n, settings)
+
+    def draw_batch(b: int, batch_labels: torch.Tensor | None, tick: Callable[[], None]) -> torch.Tensor:
+        if prior.kind == "autoregressive":
+            from vqtool.prior.autoregressive import sample_autoregressive
+
+            return sample_autoregressive(model, b, (H, W), settings.temperature, settings.top_k, settings.top_p,
+                                         batch_labels, generator, use_cache=settings.use_cache, on_token=tick)
+        return _sample_absorbing(model, b, (H, W), settings, batch_labels, generator, tick)
+
+    grids = in_batches(model, n, settings.batch_size, labels, total_work(prior, n, settings), progress, draw_batch)
+    return grids.reshape(n, H, W).long()
+
+
+def in_batches(model: Transformer, n: int, batch_size: int, labels: torch.Tensor | None, total: int,
+               progress: Progress | None,
+               draw_batch: Callable[[int, torch.Tensor | None, Callable[[], None]], torch.Tensor]) -> torch.Tensor:
+    """Call `draw_batch(b, labels_of_batch, tick)` over `n` items `batch_size` at a time, in eval and
+    inference mode, reporting each tick as `progress(done, total)`; the results concatenated on CPU."""
+    device = next(model.parameters()).device
     done = 0
 
     def tick() -> None:
@@ -235,18 +253,10 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings, labels: 
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, n, settings.batch_size):
-                b = min(settings.batch_size, n - start)
+            for start in range(0, n, batch_size):
+                b = min(batch_size, n - start)
                 batch_labels = labels[start:start + b].to(device) if labels is not None else None
-                if prior.kind == "autoregressive":
-                    from vqtool.prior.autoregressive import sample_autoregressive
-
-                    grids = sample_autoregressive(model, b, (H, W), settings.temperature, settings.top_k,
-                                                  settings.top_p, batch_labels, generator,
-                                                  use_cache=settings.use_cache, on_token=tick)
-                else:
-                    grids = _sample_absorbing(model, b, (H, W), settings, batch_labels, generator, tick)
-                out.append(grids.reshape(b, H, W).long().cpu())
+                out.append(draw_batch(b, batch_labels, tick).reshape(b, -1).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)

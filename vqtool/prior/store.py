@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vqtool.artifacts import Artifact, load_artifact, save_artifact
+from vqtool.artifacts import Artifact, load_artifact, load_prefixed_weights, save_artifact
 from vqtool.config import from_dict
 from vqtool.errors import VqtoolError
 from vqtool.prior.transformer import Transformer, TransformerConfig
@@ -69,14 +69,6 @@ def load_prior(path: Path, device: torch.device | str = "cpu", weights: str = "e
     cfg_dict["grid"] = tuple(cfg_dict["grid"])
     cfg = from_dict(TransformerConfig, cfg_dict, where=f"{path} model config")
     model = Transformer(cfg)
-    prefix = f"{weights}."
-    state = {k[len(prefix):]: v for k, v in art.tensors.items() if k.startswith(prefix)}
-    if not state:
-        raise VqtoolError(f"{path}: has no {weights!r} weights")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise VqtoolError(f"{path}: weights do not fit its config ({str(exc).splitlines()[0]})") from None
+    load_prefixed_weights(model, art, weights)
     model.to(device).eval()
-    art.tensors = {}  # the weights now live in the model; do not keep a second copy
     return LoadedPrior(model=model, kind=kind, objective=art.config.get("objective", {}), artifact=art)
