@@ -37,7 +37,7 @@ import torch
 from vqtool import __version__
 from vqtool.artifacts import atomic_write_json, file_sha256, read_metadata
 from vqtool.config import load_recipe, merge, parse_overrides, to_dict
-from vqtool.console import console, progress
+from vqtool.console import CallbackBar, console, progress
 from vqtool.data.manifest import MANIFEST_NAME, manifest_sha256
 from vqtool.errors import VqtoolError
 from vqtool.runs import RunPaths
@@ -353,7 +353,7 @@ def _plan_sample(ctx: _Context) -> Step:
     recorded = {**extra, **to_dict(settings)}
 
     def run(resume: bool) -> Outcome:
-        with _Bar("sampling") as bar:
+        with CallbackBar("sampling") as bar:
             r = sample_images(ctx.paths.prior, ctx.paths.vq, ctx.paths.samples, int(extra["n"]), settings,
                               class_id=extra["class"], device=ctx.device, quantize=extra["quantize"],
                               overwrite=True, progress=bar)
@@ -405,7 +405,7 @@ def _plan_inpaint(ctx: _Context) -> Step:
         if class_id is None and chosen["label"] is not None and _conditional(ctx.paths.prior):
             class_id = chosen["label"]  # complete the image as its own class
         region = box if box is not None or mask is not None else centre_box(_image_size(path))
-        with _Bar("inpainting") as bar:
+        with CallbackBar("inpainting") as bar:
             r = inpaint_image(ctx.paths.prior, ctx.paths.vq, path, ctx.paths.inpaint, int(extra["n"]), settings,
                               mask_path=mask, box=region, keep_pixels=bool(extra["keep_pixels"]), class_id=class_id,
                               device=ctx.device, quantize=extra["quantize"], overwrite=True, progress=bar)
@@ -621,30 +621,6 @@ def _refuse_unknown(section: dict[str, Any], settings, where: str) -> None:
     unknown = sorted(set(section) - known)
     if unknown:
         raise VqtoolError(f"{where}: unknown setting(s) {', '.join(unknown)}")
-
-
-class _Bar:
-    """A rich progress bar for stage functions that report progress(completed, total)."""
-
-    def __init__(self, description: str):
-        self.description = description
-        self.bar = None
-        self.task = None
-
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False
-
-    def __call__(self, completed: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = progress()
-            self.bar.__enter__()
-            self.task = self.bar.add_task(self.description, total=total, status="")
-        self.bar.update(self.task, completed=completed, total=total)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from vqtool.cli import options, stage_command
 from vqtool.config import load_recipe, merge, parse_overrides
-from vqtool.console import console, progress, summary_table
+from vqtool.console import CallbackBar, console, summary_table
 from vqtool.runs import RunPaths
 
 _Steps = typer.Option(None, "--steps", help="Unmasking steps over the whole grid (default 50; = tokens: one per step).")
@@ -34,33 +34,6 @@ def _settings(config: Path | None, set_: list[str] | None, sections: tuple[str, 
     recipe = load_recipe(config)
     layers = [dict(recipe.get(s) or {}) for s in sections]
     return merge(SampleSettings, *layers, parse_overrides(set_), cli, where=sections[-1])
-
-
-class _Bar:
-    """A rich progress bar driven by the stage's progress(completed, total) callback.
-
-    It appears at the first report, so an early error (missing file, bad option) prints alone.
-    """
-
-    def __init__(self, description: str):
-        self.description = description
-        self.bar = None
-        self.task = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False
-
-    def __call__(self, completed: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = progress()
-            self.bar.__enter__()
-            self.task = self.bar.add_task(self.description, total=total, status="")
-        self.bar.update(self.task, completed=completed, total=total)
 
 
 @stage_command("sample")
@@ -98,7 +71,7 @@ def sample_command(
                shape=shape, stride=stride, order=order, batch_size=batch_size, seed=seed,
                use_cache=False if no_cache else None)
     settings = _settings(config, set_, ("sample",), cli)
-    with _Bar("sampling") as bar:
+    with CallbackBar("sampling") as bar:
         r = sample_images(prior or paths.prior, vq or paths.vq, out or paths.samples, n, settings, class_id=class_,
                           device=device, quantize=quantize, overwrite=overwrite, progress=bar)
     H, W = r.tokens.shape[1:]
@@ -155,7 +128,7 @@ def inpaint_command(
                order=order, batch_size=batch_size, seed=seed)
     settings = _settings(config, set_, ("sample", "inpaint"), cli)
     parsed_box = parse_box(box) if box is not None else None
-    with _Bar("inpainting") as bar:
+    with CallbackBar("inpainting") as bar:
         r = inpaint_image(prior or paths.prior, vq or paths.vq, image, out or paths.inpaint, n, settings,
                           mask_path=mask, box=parsed_box, keep_pixels=keep_pixels, class_id=class_, device=device,
                           quantize=quantize, overwrite=overwrite, progress=bar)
