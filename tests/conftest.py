@@ -4,6 +4,9 @@
                36 train + 12 val, 8 classes, shard size 8 (5 train + 2 val shards). Do not write into it.
 `tiny_run`     function-scoped Path of a fresh run folder whose shards/ is a copy of `tiny_shards`,
                for tests that write stage outputs next to the data (RunPaths.of(tiny_run)).
+
+Every test runs torch on one thread: the models are tiny, and on shared busy cores a second thread
+only adds OpenMP hand-offs that cost more than the arithmetic. Tests that measure threading set it.
 """
 
 from __future__ import annotations
@@ -12,9 +15,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY_COUNT = 48
 TINY_SIZE = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -19,15 +19,6 @@ from vqtool.prior.transformer import Transformer, TransformerConfig
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops: one thread avoids OpenMP stalls when other jobs share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -27,15 +27,6 @@ def tiny(vocab: int = 5, grid: tuple[int, int] = (3, 4), n_classes: int = 0, see
     return model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: thread hand-offs cost more than the arithmetic, above all on busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

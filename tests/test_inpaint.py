@@ -15,15 +15,6 @@ from vqtool.prior.inpaint import box_mask, cell_mask, fit_mask, inpaint_tokens, 
 from vqtool.prior.sample import SampleSettings, TransformerPredictor
 from vqtool.prior.schedules import Draw, RandomSchedule, reveal
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------------
 # Geometry
 

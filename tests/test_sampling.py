@@ -28,15 +28,6 @@ from vqtool.samples import load_samples, save_samples
 V = 12  # codebook size of the tiny priors
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which is slow on a busy shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(grid=(4, 4), n_classes=0, causal=False, seed=0, pos_emb="2d", scale=8.0) -> Transformer:
     torch.manual_seed(seed)
     cfg = TransformerConfig(vocab_size=V, grid=grid, n_layer=2, n_head=2, n_embd=16, n_classes=n_classes,

@@ -26,15 +26,6 @@ from vqtool.prior.train import (
 VQ_SHA = "ab" * 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one thread avoids OpenMP stalls when other jobs share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_latents(path: Path, labels: bool = True, n_train: int = 40, n_val: int = 12) -> Path:
     """Diagonal-stripe grids (learnable structure) of 16 codes on a 4×4 grid, with 3 classes."""
     g = torch.Generator().manual_seed(0)
