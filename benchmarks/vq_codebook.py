@@ -29,10 +29,11 @@ VARIANTS = {  # key: (description, quantizer settings)
     "kmeans-restart": ("k-means init + restarts (euclidean)",
                        dict(cosine=False, kmeans_init=True, restart_threshold=0.1)),
     "cosine-kmeans": ("cosine + k-means init", dict(cosine=True, kmeans_init=True, restart_threshold=0.0)),
-    "cosine-restart": ("cosine + restarts", dict(cosine=True, kmeans_init=False, restart_threshold=0.1)),
-    "all": ("cosine + k-means init + restarts (default)", dict(cosine=True, kmeans_init=True, restart_threshold=0.1)),
+    "restart": ("restarts only (euclidean)", dict(cosine=False, kmeans_init=False, restart_threshold=0.1)),
+    "cosine-restart": ("cosine + restarts (default)", dict(cosine=True, kmeans_init=False, restart_threshold=0.1)),
+    "all": ("cosine + k-means init + restarts", dict(cosine=True, kmeans_init=True, restart_threshold=0.1)),
 }
-DEFAULT = ["plain", "plain-256", "cosine", "kmeans-restart", "all"]
+DEFAULT = ["plain", "plain-256", "cosine", "kmeans-restart", "cosine-restart", "all"]
 
 
 def main() -> None:

@@ -30,9 +30,9 @@ class VQConfig:
     code_dim: int = 32
     dropout: float = 0.0
     beta: float = 0.25
-    # codebook-collapse remedies (see vqtool/vq/quantize.py)
+    # codebook-collapse remedies (see vqtool/vq/quantize.py); defaults chosen by measurement (docs/recipes.md)
     cosine: bool = True
-    kmeans_init: bool = True
+    kmeans_init: bool = False
     restart_threshold: float = 0.1  # restart codes used at < this × the uniform share; 0 turns restarts off
     usage_decay: float = 0.99
 
