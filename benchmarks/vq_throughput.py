@@ -86,13 +86,16 @@ def bench_recipe(name: str, batch: int | None, steps: int, device: torch.device,
     params = sum(p.numel() for p in task.model.parameters()) / 1e6
     rows = []
 
+    def measure(what: str, fn, images: int) -> None:
+        flops = count_flops(fn)
+        before = matmul_peak(device)
+        sec = timed(fn, steps, device)
+        after = matmul_peak(device)
+        rows.append((name, what, flops / 1e9, sec, images / sec, flops / sec / 1e9, before, after))
+
     for label, disc_start in (("train step, autoencoder", 10**9), ("train step, + discriminator", 0)):
         task.cfg.disc_start = disc_start
-        flops = count_flops(task.train_step)
-        peak = matmul_peak(device)
-        sec = timed(task.train_step, steps, device)
-        rows.append((name, f"{label} (batch {cfg.batch_size}, {perceptual})", f"{1 / sec:.3g} steps/s",
-                     cfg.batch_size / sec, flops / sec / 1e9, peak))
+        measure(f"{label} (batch {cfg.batch_size}, perceptual {perceptual})", task.train_step, cfg.batch_size)
 
     model = task.eval_model
     model.load_state_dict(task.model.state_dict())
@@ -103,10 +106,7 @@ def bench_recipe(name: str, batch: int | None, steps: int, device: torch.device,
         with torch.no_grad():
             model.encode_to_tokens(x)
 
-    flops = count_flops(encode)
-    peak = matmul_peak(device)
-    sec = timed(encode, steps, device)
-    rows.append((name, f"encode (batch {cfg.batch_size})", "", cfg.batch_size / sec, flops / sec / 1e9, peak))
+    measure(f"encode (batch {cfg.batch_size})", encode, cfg.batch_size)
     print(f"{name}: {params:.1f}M autoencoder parameters, {size} px, latents {model.latent_shape(size)}", flush=True)
     return rows
 
@@ -127,11 +127,11 @@ def main() -> None:
         for i, name in enumerate(args.recipes):
             batch = args.batch[i] if args.batch and i < len(args.batch) else (None if "32" in name else 2)
             rows += bench_recipe(name, batch, args.steps, device, Path(tmp))
-    print("\n| recipe | measurement | steps/s | images/s | achieved GFLOP/s | matmul peak GFLOP/s (just before) "
-          "| % of peak |\n|---|---|---|---|---|---|---|")
-    for name, what, rate, images, gflops, peak in rows:
-        print(f"| {name} | {what} | {rate} | {images:.3g} | {gflops:.1f} | {peak:.1f} | {100 * gflops / peak:.0f}% |")
-
+    print("\n| recipe | measurement | GFLOP per call | s per call | images/s | achieved GFLOP/s "
+          "| matmul peak before / after | % of peak |\n|---|---|---|---|---|---|---|---|")
+    for name, what, gflop, sec, images, gflops, before, after in rows:
+        print(f"| {name} | {what} | {gflop:.1f} | {sec:.3g} | {images:.3g} | {gflops:.1f} | "
+              f"{before:.1f} / {after:.1f} | {100 * gflops / ((before + after) / 2):.0f}% |")
 
 if __name__ == "__main__":
     main()
