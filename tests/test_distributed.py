@@ -77,7 +77,7 @@ def run_prior(folder: Path, latents: Path, resume: bool = False, **kw):
 
 def tiny_vq(**kw) -> VQConfig:
     base = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=8, codebook_size=16,
-                code_dim=4, restart_threshold=0.5, usage_decay=0.5)
+                code_dim=4, kmeans_init=True, restart_threshold=0.5, usage_decay=0.5)
     return VQConfig(**{**base, **kw})
 
 
