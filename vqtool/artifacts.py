@@ -167,8 +167,6 @@ def save_artifact(
     """Write a safetensors artifact atomically and return its sha256."""
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
-    from safetensors.torch import save
-
     metadata = {
         "kind": kind,
         "format_version": str(FORMAT_VERSION),
@@ -178,11 +176,47 @@ def save_artifact(
         "vqtool_version": __version__,
         "command": command_line(),
     }
-    # safetensors refuses views and shared storage, so every tensor gets its own contiguous copy.
-    prepared = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    data = save(prepared, metadata=metadata)
-    atomic_write_bytes(path, data)
+    with atomic_path(path) as tmp:
+        write_safetensors(tmp, tensors, metadata)
     return file_sha256(path)
+
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write the safetensors format tensor by tensor, straight from each tensor's memory.
+
+    Building the file in memory first (as `safetensors.torch.save` does) holds the data two or three
+    times over, which a large imported checkpoint cannot afford. Names and metadata keys are sorted,
+    so the same content always gives the same bytes.
+    """
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer pads it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = tensors[name].detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            t = t.contiguous().reshape(-1)
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).numpy()))
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:

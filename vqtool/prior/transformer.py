@@ -30,7 +30,8 @@ class TransformerConfig:
     dropout: float = 0.0
     causal: bool = False
     n_classes: int = 0  # > 0: class-conditional through a prefix token
-    pos_emb: str = "2d"  # "2d" (row + column embeddings) or "flat"
+    pos_emb: str = "2d"  # "2d" (row + column embeddings) or "flat" (learned 1-D, as both papers' code)
+    gelu: str = "tanh"  # "tanh" approximation, or "exact" (erf) as both papers' transformers use
 
     @property
     def n_tokens(self) -> int:
@@ -102,7 +103,7 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
-            nn.GELU(approximate="tanh"),
+            nn.GELU(approximate="tanh" if cfg.gelu == "tanh" else "none"),
             nn.Linear(4 * cfg.n_embd, cfg.n_embd),
             nn.Dropout(cfg.dropout),
         )
@@ -116,6 +117,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
+        if cfg.gelu not in ("tanh", "exact"):
+            raise ValueError(f"gelu must be 'tanh' or 'exact', not {cfg.gelu!r}")
         d = cfg.n_embd
         self.tok_emb = nn.Embedding(cfg.vocab_size + 1, d)
         if cfg.pos_emb == "2d":

@@ -5,6 +5,11 @@ the feature map's side is in `attn_resolutions`, a stride-2 downsample between l
 (ResNet, attention, ResNet) → GroupNorm, swish, conv to `z_channels`. A 1×1 conv maps into the
 `code_dim`-dimensional lookup space; another maps the codes back. The decoder mirrors the encoder with
 `num_res_blocks + 1` blocks per level and nearest-neighbour upsampling.
+
+Three switches describe the Unleashing Transformers variant of the same network, so its published
+checkpoints load into this one model (vqtool/interop): no 1×1 convs around the lookup (`quant_convs`),
+`num_res_blocks` decoder blocks per level (`decoder_res_blocks`), and no swish between the last
+GroupNorm and the output conv (`swish_before_out`). The defaults are Taming's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ class VQConfig:
     code_dim: int = 32
     dropout: float = 0.0
     beta: float = 0.25
+    quant_convs: bool = True  # 1×1 convs into and out of the lookup space (Taming); False needs code_dim == z_channels
+    decoder_res_blocks: int | None = None  # blocks per decoder level; None: num_res_blocks + 1 (Taming)
+    swish_before_out: bool = True  # swish after the last GroupNorm of encoder and decoder (Taming)
     # codebook-collapse remedies (see vqtool/vq/quantize.py); defaults chosen by measurement (docs/recipes.md)
     cosine: bool = True
     kmeans_init: bool = False
@@ -43,6 +51,10 @@ class VQConfig:
             raise ValueError("vq.ch, vq.ch_mult, vq.num_res_blocks, vq.z_channels and vq.code_dim must be positive")
         if self.codebook_size < 2:
             raise ValueError("vq.codebook_size must be at least 2")
+        if not self.quant_convs and self.code_dim != self.z_channels:
+            raise ValueError("vq.quant_convs = false needs vq.code_dim equal to vq.z_channels")
+        if self.decoder_res_blocks is not None and self.decoder_res_blocks < 1:
+            raise ValueError("vq.decoder_res_blocks must be positive (or null for num_res_blocks + 1)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("vq.dropout must be in [0, 1)")
         if self.resolution is not None and self.resolution % (2 ** (len(self.ch_mult) - 1)):
@@ -160,14 +172,14 @@ class Encoder(nn.Module):
         c = cfg.ch * cfg.ch_mult[-1]
         self.mid = Bottleneck(c, cfg.dropout)
         self.norm_out = norm(c)
+        self.swish_out = cfg.swish_before_out
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level, down in zip(self.levels, self.downs, strict=True):
             h = down(level(h))
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_out_activation(self.norm_out(self.mid(h)), self.swish_out))
 
 
 class Decoder(nn.Module):
@@ -176,25 +188,31 @@ class Decoder(nn.Module):
         n = len(cfg.ch_mult)
         res = cfg.resolution // 2 ** (n - 1)
         c = cfg.ch * cfg.ch_mult[-1]
+        blocks = cfg.num_res_blocks + 1 if cfg.decoder_res_blocks is None else cfg.decoder_res_blocks
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = Bottleneck(c, cfg.dropout)
         self.levels = nn.ModuleList()
         self.ups = nn.ModuleList()
         for i in reversed(range(n)):
             c_out = cfg.ch * cfg.ch_mult[i]
-            self.levels.append(Level(c, c_out, cfg.num_res_blocks + 1, res in cfg.attn_resolutions, cfg.dropout))
+            self.levels.append(Level(c, c_out, blocks, res in cfg.attn_resolutions, cfg.dropout))
             c = c_out
             self.ups.append(Upsample(c) if i != 0 else nn.Identity())
             if i != 0:
                 res *= 2
         self.norm_out = norm(c)
+        self.swish_out = cfg.swish_before_out
         self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level, up in zip(self.levels, self.ups, strict=True):
             h = up(level(h))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_out_activation(self.norm_out(h), self.swish_out))
+
+
+def _out_activation(h: torch.Tensor, swish: bool) -> torch.Tensor:
+    return F.silu(h) if swish else h
 
 
 @dataclass
@@ -206,7 +224,9 @@ class VQOutput:
 
 
 class VQModel(nn.Module):
-    """Encoder → 1×1 conv → quantizer → 1×1 conv → decoder. No I/O; see vqtool/vq/store.py for files."""
+    """Encoder → 1×1 conv → quantizer → 1×1 conv → decoder (the convs optional, see VQConfig).
+
+    No I/O; see vqtool/vq/store.py for files."""
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
@@ -215,10 +235,10 @@ class VQModel(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1) if cfg.quant_convs else nn.Identity()
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, beta=cfg.beta, cosine=cfg.cosine,
                                          usage_decay=cfg.usage_decay)
-        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1) if cfg.quant_convs else nn.Identity()
         self.decoder = Decoder(cfg)
 
     @property

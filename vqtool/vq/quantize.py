@@ -76,7 +76,8 @@ class VectorQuantizer(nn.Module):
         codes = self.codebook()
         if self.cosine:
             return (flat @ codes.t()).argmax(dim=1)
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None, :]
+        # ‖z‖² + ‖e‖² − 2 z·e in this order, as both papers' code computes it, so near-ties break the same way.
+        dist = (flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1)[None, :]) - 2 * (flat @ codes.t())
         return dist.argmin(dim=1)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
