@@ -126,6 +126,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _hash_cache[key]
 
 
+def _remember_sha256(path: Path, digest: str) -> None:
+    """Record the hash of a file this process just wrote, so asking for it does not read the file again."""
+    st = path.stat()
+    _hash_cache[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = digest
+
+
 def command_line() -> str:
     argv = list(sys.argv)
     if argv:
@@ -177,8 +183,9 @@ def save_artifact(
         "command": command_line(),
     }
     with atomic_path(path) as tmp:
-        write_safetensors(tmp, tensors, metadata)
-    return file_sha256(path)
+        digest = write_safetensors(tmp, tensors, metadata)
+    _remember_sha256(Path(path), digest)
+    return digest
 
 
 _DTYPE_NAMES = {
@@ -188,12 +195,13 @@ _DTYPE_NAMES = {
 }
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write the safetensors format tensor by tensor, straight from each tensor's memory.
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write the safetensors format tensor by tensor, straight from each tensor's memory; return its sha256.
 
     Building the file in memory first (as `safetensors.torch.save` does) holds the data two or three
     times over, which a large imported checkpoint cannot afford. Names and metadata keys are sorted,
-    so the same content always gives the same bytes.
+    so the same content always gives the same bytes. The hash is taken of the bytes as they are
+    written, which spares reading a large file back.
     """
     names = sorted(tensors)
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
@@ -207,16 +215,21 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer pads it
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            digest.update(chunk)
         for name in names:
             t = tensors[name].detach()
             if t.device.type != "cpu":
                 t = t.cpu()
             t = t.contiguous().reshape(-1)
             if t.numel():
-                f.write(memoryview(t.view(torch.uint8).numpy()))
+                view = memoryview(t.view(torch.uint8).numpy())
+                f.write(view)
+                digest.update(view)
+    return digest.hexdigest()
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:

@@ -64,7 +64,7 @@ def _register_commands() -> None:
     # Importing a module registers its commands on `app`; each module is one stage family.
     import importlib
 
-    for module in ("data", "vq", "prior", "sample", "evaluate", "pipeline"):
+    for module in ("data", "vq", "prior", "sample", "evaluate", "pipeline", "interop"):
         importlib.import_module(f"vqtool.cli.{module}")
 
 _register_commands()

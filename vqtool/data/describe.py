@@ -67,6 +67,8 @@ def describe_artifact(path: Path) -> Description:
     for key, value in sorted(art.extra.items()):
         if key == "state":  # a training checkpoint's JSON skeleton: long and unreadable
             rows.append(("extra state", f"training state ({len(value)} characters of JSON)"))
+        elif key == "source" and isinstance(value, dict):  # an imported model: where it came from, in full
+            rows += [(f"source {k}", v) for k, v in _flatten(value)]
         else:
             rows.append((f"extra {key}", _short(value)))
     tensors = []

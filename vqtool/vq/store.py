@@ -1,6 +1,7 @@
 """vq.safetensors ↔ VQModel: the only place a VQ model meets the disk.
 
-Tensors: `ema.<param>` (the weights for encoding and decoding) and `model.<param>` (the raw weights).
+Tensors: `ema.<param>` (the weights for encoding and decoding), `model.<param>` (the raw weights; an
+imported model has only `ema`), and optionally `disc.<param>`, a PatchGAN discriminator to fine-tune from.
 Config: {"model": VQConfig fields, "train": the train-vq settings}. Parents: {"dataset": sha256 of the
 shards' manifest}. Extra: {"image_size", "latent_shape", "step", "codebook": {"usage", "perplexity",
 "val_images"}, "val": {"l1", "psnr"}}.
@@ -46,9 +47,11 @@ def save_vq(
     train_config: dict[str, Any],
     parents: dict[str, str],
     extra: dict[str, Any] | None = None,
+    discriminator: dict[str, torch.Tensor] | None = None,
 ) -> str:
     tensors = {f"ema.{k}": v for k, v in ema_state.items()}
     tensors.update({f"model.{k}": v for k, v in raw_state.items()})
+    tensors.update({f"disc.{k}": v for k, v in (discriminator or {}).items()})
     config = {"model": dataclasses.asdict(cfg), "train": train_config}
     return save_artifact(path, "vq-model", tensors, config=config, parents=parents, extra=extra)
 

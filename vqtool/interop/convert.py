@@ -1,0 +1,141 @@
+"""What both papers' layouts share on their way into vqtool's models.
+
+A converter turns a foreign state dict into a `Converted`: the vqtool config it implies, the weights
+under vqtool's parameter names, and an account of every source tensor (mapped, or dropped and why)
+plus every setting that was inferred rather than read. Source tensors are popped as they are used, so
+an unexpected leftover is an error, not a silent loss, and the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vqtool.errors import VqtoolError
+
+
+@dataclass
+class Converted:
+    kind: str  # "vq-model" or "prior-model"
+    config: Any  # VQConfig or TransformerConfig
+    state: dict[str, torch.Tensor]  # vqtool parameter names → tensors
+    format: str  # e.g. "unleashing-transformers/vqgan"
+    inferred: dict[str, str] = field(default_factory=dict)  # setting → where the value came from
+    dropped: dict[str, str] = field(default_factory=dict)  # source key group → why it is not kept
+    extra: dict[str, Any] = field(default_factory=dict)  # stored in the artifact's extra
+    objective: dict[str, Any] = field(default_factory=dict)  # prior objective settings
+    prior: str = ""  # "absorbing" or "autoregressive" for priors
+    discriminator: dict[str, torch.Tensor] = field(default_factory=dict)  # PatchGAN weights, when present
+    discriminator_config: dict[str, int] = field(default_factory=dict)  # {"disc_ch", "disc_layers"}
+
+
+class Source:
+    """A foreign state dict that is consumed as it is read; names in errors carry the file's prefix."""
+
+    def __init__(self, state: dict[str, Any], where: str, prefix: str = ""):
+        self.where = where
+        self.prefix = prefix
+        self.state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        bad = [k for k, v in self.state.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise VqtoolError(f"{where}: {prefix}{bad[0]} is not a tensor")
+
+    def has(self, key: str) -> bool:
+        return key in self.state
+
+    def peek(self, key: str) -> torch.Tensor:
+        if key not in self.state:
+            raise VqtoolError(f"{self.where}: expected tensor {self.prefix}{key} is missing")
+        return self.state[key]
+
+    def take(self, key: str) -> torch.Tensor:
+        tensor = self.peek(key)
+        del self.state[key]
+        return tensor
+
+    def children(self, head: str) -> list[int]:
+        """Sorted integer indices N of keys `head.N.…`."""
+        dot = f"{head}."
+        found = {int(k[len(dot):].split(".", 1)[0]) for k in self.state
+                 if k.startswith(dot) and k[len(dot):].split(".", 1)[0].isdigit()}
+        return sorted(found)
+
+    def names_under(self, head: str) -> set[str]:
+        dot = f"{head}."
+        return {k[len(dot):] for k in self.state if k.startswith(dot)}
+
+    def drop(self, head: str) -> int:
+        """Forget every tensor under `head` (or named `head`); returns how many there were."""
+        keys = [k for k in self.state if k == head or k.startswith(f"{head}.")]
+        for k in keys:
+            del self.state[k]
+        return len(keys)
+
+    def finish(self) -> None:
+        if self.state:
+            left = sorted(self.state)
+            more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+            raise VqtoolError(f"{self.where}: tensor {self.prefix}{left[0]}{more} has no place in the model; "
+                              "this layout is not one vqtool knows")
+
+
+def move(src: Source, dst: dict[str, torch.Tensor], src_head: str, dst_head: str,
+         names: tuple[str, ...] = ("weight", "bias")) -> None:
+    for name in names:
+        dst[f"{dst_head}.{name}"] = src.take(f"{src_head}.{name}")
+
+
+def fuse_qkv(src: Source, dst: dict[str, torch.Tensor], heads: tuple[str, str, str], dst_head: str) -> None:
+    """Separate query, key and value layers → one layer whose output is [q; k; v] (vqtool's order)."""
+    for name in ("weight", "bias"):
+        parts = [src.take(f"{h}.{name}") for h in heads]
+        dst[f"{dst_head}.{name}"] = torch.cat(parts, dim=0)
+        del parts
+
+
+def out_channels(src: Source, key: str) -> int:
+    return int(src.peek(key).shape[0])
+
+
+def gpt_blocks(src: Source, dst: dict[str, torch.Tensor], head: str = "blocks") -> int:
+    """minGPT-style blocks (ln1, attn.{query,key,value,proj}, ln2, mlp.{0,2}) → vqtool's; returns the count."""
+    layers = src.children(head)
+    if layers != list(range(len(layers))) or not layers:
+        raise VqtoolError(f"{src.where}: transformer blocks are not numbered 0..N-1")
+    for i in layers:
+        s, d = f"{head}.{i}", f"blocks.{i}"
+        move(src, dst, f"{s}.ln1", f"{d}.ln1")
+        move(src, dst, f"{s}.ln2", f"{d}.ln2")
+        fuse_qkv(src, dst, (f"{s}.attn.query", f"{s}.attn.key", f"{s}.attn.value"), f"{d}.attn.qkv")
+        move(src, dst, f"{s}.attn.proj", f"{d}.attn.proj")
+        move(src, dst, f"{s}.mlp.0", f"{d}.mlp.0")
+        move(src, dst, f"{s}.mlp.2", f"{d}.mlp.2")
+        src.drop(f"{s}.attn.mask")  # the causal mask buffer; vqtool's attention builds its own
+    return len(layers)
+
+
+def check_heads(n_embd: int, heads: int, where: str) -> None:
+    if heads < 1 or n_embd % heads:
+        raise VqtoolError(f"{where}: width {n_embd} is not divisible by {heads} attention heads; pass --heads")
+
+
+def discriminator(src: Source, head: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The pix2pix PatchGAN both papers train (`main.N` convs and BatchNorms) → vqtool's, same names."""
+    if not src.has(f"{head}.main.0.weight"):
+        return {}, {}
+    ndf = out_channels(src, f"{head}.main.0.weight")
+    layers = sum(1 for k in src.names_under(f"{head}.main") if k.endswith("running_mean"))
+    state = {f"main.{k}": v for k, v in ((k, src.peek(f"{head}.main.{k}")) for k in src.names_under(f"{head}.main"))}
+    src.drop(head)
+    return state, {"disc_ch": ndf, "disc_layers": layers}
+
+
+def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load `state` strictly; a converter bug or an unknown variant ends here in one line."""
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise VqtoolError(f"{where}: converted weights do not fit ({lines[min(1, len(lines) - 1)]})") from None
