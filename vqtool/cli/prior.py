@@ -9,9 +9,10 @@ import typer
 from rich.markup import escape
 
 from vqtool.cli import options, stage_command
-from vqtool.config import load_recipe, merge, parse_overrides
+from vqtool.config import load_recipe, parse_overrides
 from vqtool.console import console, summary_table
 from vqtool.distributed import process_info
+from vqtool.finetune import init_row
 from vqtool.runs import RunPaths
 from vqtool.training import Interrupted
 
@@ -54,12 +55,17 @@ def train_prior_command(
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (1 is often faster on a busy machine)."),
     compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of this prior."),
+    init: Path = typer.Option(
+        None, "--init", help="Fine-tune a prior-model artifact (e.g. from `vqtool import`): a fresh run (step 0, new "
+        "optimizer) starting from its ema.* weights (the ones meant for use; model.* if it has none), with its "
+        "prior kind, transformer and objective; only --dropout may differ. The latents must have its codebook, "
+        "grid and classes. --resume continues such a run without it."),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda (fp32 on CPU; mixed precision only on CUDA)."),
     seed: int = typer.Option(None, "--seed", help="Seed for weights, batches and masks (default 0)."),
     overwrite: bool = options.Overwrite,
 ) -> None:
     """Train the transformer prior on RUN/latents.safetensors → RUN/prior.safetensors (best validation bound)."""
-    from vqtool.prior.train import TrainPriorConfig, stage_names, train_prior
+    from vqtool.prior.train import stage_names, train_prior
 
     recipe = load_recipe(config)
     cli = dict(prior=prior, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
@@ -67,21 +73,24 @@ def train_prior_command(
                mask_schedule=mask_schedule, timesteps=timesteps, n_layer=layers, n_embd=width, n_head=heads,
                dropout=dropout, eval_every=eval_every, patience=patience, threads=threads, compile=compile_,
                device=device, seed=seed)
-    cfg = merge(TrainPriorConfig, recipe.get("prior"), recipe.get("train_prior"), _overrides(set_), cli,
-                where="train_prior")
+    # The settings as chosen, not yet filled with defaults: with --init they are checked against the artifact.
+    chosen: dict[str, Any] = {}
+    for layer in (recipe.get("prior"), recipe.get("train_prior"), _overrides(set_), cli):
+        chosen.update({k: v for k, v in (layer or {}).items() if v is not None})
     paths = RunPaths.of(run)
     out = out or paths.prior
     stage = stage_names(paths.prior, out)
-    r = train_prior(latents or paths.latents, cfg, out, paths.checkpoint(stage), paths.log(stage),
-                    resume=resume, overwrite=overwrite)
+    r = train_prior(latents or paths.latents, chosen, out, paths.checkpoint(stage), paths.log(stage),
+                    resume=resume, overwrite=overwrite, init=init)
     best = "-"
     if r.best_val_bpt is not None:
         best = f"{r.best_val_bpt:.4f} bits/token at step {r.best_step}"
         if r.best_val_bpd is not None:
             best += f" ({r.best_val_bpd:.4f} bits/dim)"
     rows = [
-        ("prior", f"{r.prior} ({cfg.prior}, {r.params:,} parameters)"),
+        ("prior", f"{r.prior} ({r.kind}, {r.params:,} parameters)"),
         ("steps", f"{r.steps} ({r.reason})"),
+        *([("init", init_row(r.init, r.init_sha256))] if r.init_sha256 else []),
         ("best val bound", best),
         ("last train bpt", f"{r.last_train['bpt']:.4f}" if "bpt" in r.last_train else "-"),
         ("throughput", f"{r.tokens_per_second:,.0f} tokens/s in training steps"),

@@ -10,10 +10,11 @@ import typer
 from rich.markup import escape
 
 from vqtool.cli import options, stage_command
-from vqtool.config import load_recipe, merge, parse_overrides
+from vqtool.config import load_recipe, parse_overrides
 from vqtool.console import console, summary_table
 from vqtool.distributed import process_info
 from vqtool.errors import VqtoolError
+from vqtool.finetune import init_row
 from vqtool.training import Interrupted
 from vqtool.vq.model import VQConfig
 from vqtool.vq.train import TrainVQConfig
@@ -53,6 +54,14 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _chosen(*layers: dict[str, Any] | None) -> dict[str, Any]:
+    """Recipe section, --set values and options merged in that order, leaving out what was not given."""
+    chosen: dict[str, Any] = {}
+    for layer in layers:
+        chosen.update({k: v for k, v in (layer or {}).items() if v is not None})
+    return chosen
+
+
 def _rows(d: dict[str, Any] | None, fmt: str = "{:.4g}") -> str:
     if not d:
         return "-"
@@ -80,6 +89,11 @@ def train_vq_command(
     eval_every: int = typer.Option(None, "--eval-every", help="Validate and write a PNG grid every N steps."),
     shards: Path = typer.Option(None, "--shards", help="Shards folder (default: RUN/shards)."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN/checkpoints/train-vq-last.safetensors."),
+    init: Path = typer.Option(
+        None, "--init", help="Fine-tune a vq-model artifact (e.g. from `vqtool import`): a fresh run (step 0, new "
+        "optimizer) starting from its ema.* weights (the ones meant for use; model.* if it has none), its "
+        "discriminator when it has one, and its model settings. Only beta, dropout, kmeans_init, "
+        "restart_threshold and usage_decay may differ. --resume continues such a run without it."),
     device: str = options.Device,
     threads: int = Threads,
     seed: int = options.Seed,
@@ -95,13 +109,14 @@ def train_vq_command(
                perceptual=perceptual,
                perceptual_weights=str(perceptual_weights) if perceptual_weights else None, disc_start=disc_start,
                disc_weight_max=disc_weight_max, eval_every=eval_every)
-    vq_cfg = merge(VQConfig, recipe.get("vq"), vq_set, where="vq")
-    cfg = merge(TrainVQConfig, recipe.get("train_vq"), train_set, cli, where="train_vq")
-    if cfg.max_steps is None and cfg.max_minutes is None:
-        raise VqtoolError("give --max-steps or --max-minutes (or set train_vq.max_steps in the recipe)")
-    r = train_vq(run, vq_cfg, cfg, seed=seed, device=device, resume=resume, overwrite=overwrite, shards=shards)
+    # The settings as chosen, not yet filled with defaults: with --init they are checked against the artifact.
+    vq_chosen = _chosen(recipe.get("vq"), vq_set)
+    train_chosen = _chosen(recipe.get("train_vq"), train_set, cli)
+    r = train_vq(run, vq_chosen, train_chosen, seed=seed, device=device, resume=resume, overwrite=overwrite,
+                 shards=shards, init=init)
     rows = [
         ("output", r.output),
+        *([("init", init_row(r.init, r.init_sha256))] if r.init_sha256 else []),
         ("steps", f"{r.step} ({r.reason})"),
         ("speed", f"{r.steps_per_s:.2f} steps/s on {r.device} ({r.steps_this_session} steps, {r.seconds:.0f} s)"),
         ("val PSNR", f"{r.val.get('psnr', float('nan')):.2f} dB"),

@@ -15,6 +15,12 @@ world_size grids, drawn by one sampler and one mask generator that every rank ru
 training on its own rows. So the batches and masks do not depend on how the work is split: N ranks ×
 batch B train the same model as one process with batch N·B, or with batch B and grad_accum N, and a
 checkpoint resumes exactly on another number of processes that keeps the global batch.
+
+Fine-tuning (`init`): a fresh run (step 0, new optimizer) whose transformer and EMA start from a
+prior-model artifact's `ema.*` weights (`model.*` when it has none). The artifact fixes the prior kind,
+the transformer and the objective (only `dropout` may change); the latents must be codes of the same
+codebook, grid and classes, and of the same VQ when both record theirs. The checkpoint records the init
+artifact's sha256 and the settings it fixed, so `--resume` continues such a run without naming it.
 """
 
 from __future__ import annotations
@@ -24,14 +30,15 @@ import dataclasses
 import hashlib
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vqtool.artifacts import file_sha256
-from vqtool.config import to_dict
+from vqtool.artifacts import file_sha256, load_artifact, load_prefixed_weights, read_metadata
+from vqtool.config import from_dict, to_dict
 from vqtool.console import console
 from vqtool.device import autocast, resolve_device
 from vqtool.distributed import (
@@ -46,6 +53,7 @@ from vqtool.distributed import (
     wrap_ddp,
 )
 from vqtool.errors import VqtoolError
+from vqtool.finetune import chosen_settings, find_init, start_weights
 from vqtool.latents import Latents, load_latents
 from vqtool.prior.objectives import make_objective
 from vqtool.prior.store import PRIOR_KINDS, save_prior
@@ -98,6 +106,8 @@ class TrainPriorConfig:
 
 
 ABSORBING_ONLY = ("timesteps", "mask_schedule", "loss", "nll_samples")
+# What a fine-tuning run may change: everything else of the model and the objective comes from the init prior.
+TUNABLE = ("dropout",)
 
 
 def check_config(cfg: TrainPriorConfig) -> None:
@@ -245,6 +255,27 @@ def _adamw(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainPriorConfig, 
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
+@dataclass
+class PriorInit:
+    """The prior a fine-tuning run starts from, and the settings that fixes.
+
+    On a fresh start they are the init artifact's; on a resume, the checkpoint's, which recorded them.
+    """
+
+    sha256: str  # of the init artifact
+    path: Path | None  # the init artifact, when named (a resume need not name it)
+    weights: str | None  # "ema" or "model": the tensors to start from; None on a resume
+    kind: str  # absorbing | autoregressive
+    model: TransformerConfig
+    objective: dict[str, Any]
+    vq: str | None  # sha256 of the VQ whose codes it was trained on, when recorded
+    source: str  # what fixed the settings, for messages
+
+    @property
+    def fresh(self) -> bool:
+        return self.weights is not None
+
+
 class PriorTrainTask:
     """The `TrainTask` of train-prior (see vqtool.training)."""
 
@@ -252,8 +283,9 @@ class PriorTrainTask:
     checkpoint_kind = "prior-checkpoint"
 
     def __init__(self, cfg: TrainPriorConfig, latents: Latents, latents_sha: str, out: Path,
-                 device: torch.device, proc: ProcessInfo | None = None):
+                 device: torch.device, proc: ProcessInfo | None = None, init: PriorInit | None = None):
         self.cfg = cfg
+        self.init = init
         self.out = out
         self.device = device
         self.proc = proc or process_info()
@@ -262,13 +294,17 @@ class PriorTrainTask:
         vq_sha = latents.artifact.parents.get("vq") if latents.artifact is not None else None
         if vq_sha:
             self.parents["vq"] = vq_sha
+        if init is not None:
+            self.parents["init"] = init.sha256
         self.classes = list(latents.classes)
         self.image_size = latents.image_size
         self.step = 0
         self.finished = False
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.proc.world_size
 
-        self.model_cfg = model_config(cfg, latents)
+        # A fine-tuned transformer is the init prior's, whatever the settings would build (e.g. its GELU).
+        self.model_cfg = (dataclasses.replace(init.model, dropout=cfg.dropout) if init is not None
+                          else model_config(cfg, latents))
         self.objective = make_objective(cfg.prior, objective_settings(cfg))
         val_settings = dict(self.objective.settings())
         if "nll_samples" in val_settings:
@@ -292,6 +328,8 @@ class PriorTrainTask:
 
         torch.manual_seed(cfg.seed)  # weight init (and, later, dropout) use the global generator
         self.model = Transformer(self.model_cfg).to(device)
+        if init is not None and init.fresh:  # before the EMA and the evaluation copy are taken of the model
+            load_prefixed_weights(self.model, load_artifact(init.path, "prior-model"), init.weights)
         if self.proc.rank > 0:
             torch.manual_seed(rank_seed(cfg.seed, "dropout", self.proc.rank))  # other rows, other dropout
         self.eval_model = copy.deepcopy(self.model).eval()
@@ -442,9 +480,12 @@ class PriorTrainTask:
             console.print(f"[yellow]note:[/yellow] {note}")
 
     def resume_key(self) -> dict[str, Any]:
-        return {"prior": self.cfg.prior, "model": dataclasses.asdict(self.model_cfg),
-                "objective": self.objective.settings(), "latents": self.latents_sha,
-                "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
+        key = {"prior": self.cfg.prior, "model": dataclasses.asdict(self.model_cfg),
+               "objective": self.objective.settings(), "latents": self.latents_sha,
+               "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
+        if self.init is not None:  # only then: checkpoints of other runs keep the key they always had
+            key["init"] = self.init.sha256
+        return key
 
     def export(self) -> list[Path]:
         if self.best_step is None or not self.out.exists():
@@ -488,6 +529,9 @@ class TrainPriorResult:
     prior: Path
     checkpoint: Path
     log: Path
+    kind: str  # absorbing | autoregressive (an init prior's kind, when fine-tuning)
+    init: Path | None = None  # the init artifact, when it was named
+    init_sha256: str | None = None  # set for every run started from an init artifact
 
 
 def stage_names(run_prior: Path, out: Path) -> str:
@@ -499,19 +543,109 @@ def stage_names(run_prior: Path, out: Path) -> str:
     return f"{STAGE}-{suffix}"
 
 
+def _transformer_config(data: Any, where: str) -> TransformerConfig:
+    if not isinstance(data, dict) or "grid" not in data:
+        raise VqtoolError(f"{where}: missing or incomplete")
+    return from_dict(TransformerConfig, {**data, "grid": tuple(data["grid"])}, where=where)
+
+
+def _recorded_init(meta, sha: str, init: Path | None) -> PriorInit:
+    return PriorInit(sha256=sha, path=init, weights=None, kind=meta.config["prior"],
+                     model=_transformer_config(meta.config.get("model"), f"{meta.path} model config"),
+                     objective=dict(meta.config.get("objective") or {}), vq=None,
+                     source=f"the checkpoint {meta.path} of a fine-tuning run")
+
+
+def _read_init(path: Path) -> PriorInit:
+    meta = read_metadata(path, "prior-model")
+    kind = meta.config.get("prior")
+    if kind not in PRIOR_KINDS:
+        raise VqtoolError(f"{path}: unknown prior kind {kind!r}")
+    return PriorInit(sha256=file_sha256(path), path=path, weights=start_weights(path, meta.extra["_tensors"]),
+                     kind=kind, model=_transformer_config(meta.config.get("model"), f"{path} model config"),
+                     objective=dict(meta.config.get("objective") or {}), vq=meta.parents.get("vq"),
+                     source=f"--init {path}")
+
+
+def fine_tune_settings(start: PriorInit, cfg: TrainPriorConfig, given: Mapping[str, Any]) -> TrainPriorConfig:
+    """The settings of a run that starts from `start`: its kind, model and objective, with the caller's
+    TUNABLE choices on a fresh start; one-line errors for chosen settings that contradict it."""
+    if "prior" in given and given["prior"] != start.kind:
+        raise VqtoolError(f"--prior {given['prior']} conflicts with {start.source}, an {start.kind} prior; drop "
+                          "--prior (the kind comes from there)")
+    model = start.model
+    fixed: dict[str, Any] = {"n_layer": model.n_layer, "n_head": model.n_head, "n_embd": model.n_embd,
+                             "dropout": model.dropout, "pos_emb": model.pos_emb,
+                             "class_conditional": model.n_classes > 0}
+    if start.kind == "absorbing":
+        objective = start.objective
+        fixed.update(timesteps=objective.get("T"), mask_schedule=objective.get("mask_schedule"),
+                     loss=objective.get("loss"), nll_samples=objective.get("nll_samples"))
+    else:
+        absorbing = [k for k in ABSORBING_ONLY if k in given]
+        if absorbing:
+            raise VqtoolError(f"{', '.join(absorbing)}: absorbing-prior settings, but {start.source} is an "
+                              "autoregressive prior; drop them")
+    tunable = TUNABLE if start.fresh else ()  # a resume keeps every setting of the checkpoint
+    for key, value in given.items():
+        if key in fixed and key not in tunable and value != fixed[key]:
+            raise VqtoolError(f"{key} = {value!r} conflicts with {start.source} ({key} = {fixed[key]!r}); the "
+                              "model and objective come from there: drop the setting")
+    fixed.update({k: given[k] for k in tunable if k in given})
+    return dataclasses.replace(cfg, prior=start.kind, **fixed)
+
+
+def check_latents_fit(start: PriorInit, latents: Latents, where: Path) -> None:
+    """The latents must be what the init prior models: the same codebook, grid and classes (and VQ)."""
+    model = start.model
+    if latents.codebook_size != model.vocab_size:
+        raise VqtoolError(f"{where}: codes of a {latents.codebook_size}-code codebook, but {start.source} models "
+                          f"{model.vocab_size} codes; encode the data with the VQ the prior was trained on")
+    if tuple(latents.latent_shape) != tuple(model.grid):
+        grid, theirs = "×".join(map(str, model.grid)), "×".join(map(str, latents.latent_shape))
+        raise VqtoolError(f"{where}: {theirs} token grids, but {start.source} models {grid} grids; encode the "
+                          "data with the VQ the prior was trained on")
+    vq = latents.artifact.parents.get("vq") if latents.artifact is not None else None
+    if start.vq and vq and start.vq != vq:
+        raise VqtoolError(f"{where}: codes of another VQ (sha256 {vq[:12]}…) than the one {start.source} was "
+                          f"trained on ({start.vq[:12]}…); encode the data with that VQ")
+    if model.n_classes > 0:
+        labels = latents.splits["train"].labels
+        if labels is None or not labels.numel():
+            raise VqtoolError(f"{where}: no labels, but {start.source} is conditioned on {model.n_classes} "
+                              "classes; encode a labelled dataset")
+        classes = max(latents.n_classes, int(labels.max()) + 1)
+        if classes != model.n_classes:
+            raise VqtoolError(f"{where}: {classes} classes, but {start.source} is conditioned on "
+                              f"{model.n_classes}; fine-tune on latents of the same classes")
+
+
 def train_prior(
     latents_path: Path,
-    cfg: TrainPriorConfig,
+    cfg: TrainPriorConfig | Mapping[str, Any],
     out: Path,
     checkpoint: Path,
     log: Path,
     resume: bool = False,
     overwrite: bool = False,
+    init: str | Path | None = None,
 ) -> TrainPriorResult:
     """Train a prior on `latents_path`; write the best-validation prior to `out`, the latest resumable
-    state to `checkpoint` and the JSONL log to `log`."""
+    state to `checkpoint` and the JSONL log to `log`.
+
+    `cfg` is a TrainPriorConfig or a mapping of the settings chosen (the rest default). `init` fine-tunes
+    a prior-model artifact (see the module docstring): the settings chosen must agree with it, except
+    TUNABLE ones; a TrainPriorConfig counts as choosing the fields that differ from the defaults.
+    """
+    cfg, given = chosen_settings(TrainPriorConfig, cfg, "train_prior")
+    latents_path, out, checkpoint = Path(latents_path), Path(out), Path(checkpoint)
+    start_from = find_init(init, checkpoint, "prior-checkpoint", resume, _recorded_init, _read_init)
+    if start_from is not None:
+        if start_from.fresh and out.resolve() == start_from.path.resolve():
+            raise VqtoolError(f"--init {start_from.path} is also the output; write the fine-tuned prior elsewhere "
+                              "(--out) so the init artifact stays")
+        cfg = fine_tune_settings(start_from, cfg, given)
     check_config(cfg)
-    latents_path, out = Path(latents_path), Path(out)
     if not latents_path.exists():
         raise VqtoolError(f"{latents_path}: no latents here; run `vqtool encode` first (or pass --latents)")
     if out.exists() and not resume and not overwrite:
@@ -520,16 +654,17 @@ def train_prior(
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     latents = load_latents(latents_path)
+    if start_from is not None:
+        check_latents_fit(start_from, latents, latents_path)
     with distributed_session(device) as proc:
-        task = PriorTrainTask(cfg, latents, file_sha256(latents_path), out, device, proc)
+        task = PriorTrainTask(cfg, latents, file_sha256(latents_path), out, device, proc, init=start_from)
         if task.val_tokens is None and proc.is_main:
             console.print(f"[yellow]warning:[/yellow] {latents_path} has no val split: no validation bound, "
                           "the prior will be the last weights")
         settings = LoopSettings(max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, log_every=cfg.log_every,
                                 eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
         start = time.monotonic()
-        result = run_loop(task, settings, Path(checkpoint), Path(log), resume=resume, overwrite=overwrite,
-                          proc=proc)
+        result = run_loop(task, settings, checkpoint, Path(log), resume=resume, overwrite=overwrite, proc=proc)
         seconds = time.monotonic() - start
     bpd = None
     if task.best_bpt is not None and task.image_size:
@@ -540,6 +675,7 @@ def train_prior(
         # Every rank trains on as many tokens in the same time: the job's rate is world_size times one rank's.
         tokens_per_second=(task.session_tokens * task.proc.world_size / task.session_seconds
                            if task.session_seconds > 0 else 0.0),
-        params=sum(p.numel() for p in task.model.parameters()), prior=out, checkpoint=Path(checkpoint),
-        log=Path(log),
+        params=sum(p.numel() for p in task.model.parameters()), prior=out, checkpoint=checkpoint,
+        log=Path(log), kind=cfg.prior, init=start_from.path if start_from else None,
+        init_sha256=start_from.sha256 if start_from else None,
     )

@@ -16,12 +16,21 @@ over ranks, and rank 0 runs k-means and dead-code restarts on every rank's encod
 broadcasts the codebook. So N ranks × batch B train the same weights as one process whose batch is
 the N ranks' batches side by side (DiffAugment apart: each rank augments with its own generator).
 `grad_accum` K adds up K micro-batches per step: a step sees batch_size × K × processes images.
+
+Fine-tuning (`init`): a fresh run (step 0, new optimizers) whose model starts from a vq-model artifact's
+`ema.*` weights (`model.*` when it has none) and whose EMA starts there too. The artifact fixes the
+model settings, except the few that only steer training (TUNABLE), and, when it carries a
+discriminator (`disc.*`, e.g. one imported from a paper's checkpoint), the discriminator's weights and
+shape. The checkpoint records the init artifact's sha256 and the settings it fixed, so `--resume`
+continues such a run exactly without naming it again.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vqtool.artifacts import file_sha256, load_artifact, load_prefixed_weights, read_metadata
 from vqtool.config import to_dict
 from vqtool.console import console
 from vqtool.data.loader import ShardLoader
@@ -47,6 +57,7 @@ from vqtool.distributed import (
     wrap_ddp,
 )
 from vqtool.errors import VqtoolError
+from vqtool.finetune import chosen_settings, find_init, start_weights
 from vqtool.grids import make_grid, save_png
 from vqtool.runs import RunPaths
 from vqtool.training import EMA, LoopResult, LoopSettings, run_loop
@@ -55,9 +66,15 @@ from vqtool.vq.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, 
 from vqtool.vq.model import VQConfig, VQModel
 from vqtool.vq.perceptual import PERCEPTUAL_CHOICES, build_perceptual
 from vqtool.vq.quantize import codebook_stats
-from vqtool.vq.store import save_vq
+from vqtool.vq.store import config_from_dict, save_vq
 
 STAGE = "train-vq"
+
+# The vq settings a fine-tuning run may change: they steer training, not the shapes or the meaning of
+# the weights. Every other one (the architecture, and `cosine`, which decides what a code means) comes
+# from the init artifact.
+TUNABLE = ("beta", "dropout", "kmeans_init", "restart_threshold", "usage_decay")
+DISC_SHAPE = ("disc_ch", "disc_layers")
 
 
 @dataclass
@@ -123,6 +140,25 @@ class TrainVQConfig:
 
 
 @dataclass
+class VQInit:
+    """The model a fine-tuning run starts from, and the settings that fixes.
+
+    On a fresh start they are the init artifact's; on a resume, the checkpoint's, which recorded them.
+    """
+
+    sha256: str  # of the init artifact
+    path: Path | None  # the init artifact, when named (a resume need not name it)
+    weights: str | None  # "ema" or "model": the tensors to start from; None on a resume
+    vq: VQConfig
+    disc: dict[str, int] | None  # {"disc_ch", "disc_layers"} when the discriminator's shape is fixed
+    source: str  # what fixed the settings, for messages
+
+    @property
+    def fresh(self) -> bool:
+        return self.weights is not None
+
+
+@dataclass
 class TrainVQResult:
     output: Path
     step: int
@@ -132,6 +168,8 @@ class TrainVQResult:
     val: dict[str, float]
     grid: Path | None
     device: str
+    init: Path | None = None  # the init artifact, when it was named
+    init_sha256: str | None = None  # set for every run started from an init artifact
 
     @property
     def steps_per_s(self) -> float:
@@ -154,9 +192,11 @@ class VQTrainer:
         seed: int = 0,
         device: torch.device | None = None,
         proc: ProcessInfo | None = None,
+        init: VQInit | None = None,
     ):
         cfg.validate()
         self.cfg = cfg
+        self.init = init
         self.seed = seed
         self.proc = proc or ProcessInfo()
         self.device = device or torch.device("cpu")
@@ -168,6 +208,12 @@ class VQTrainer:
         manifest = read_manifest(self.shards)
         self.dataset_sha = manifest_sha256(self.shards)
         image_size = int(manifest["image_size"])
+        if init is not None and init.vq.resolution != image_size:
+            size = init.vq.resolution
+            raise VqtoolError(
+                f"{init.source} is a model of {size} px images but the shards in {self.shards} are {image_size} px; "
+                f"fine-tune on data prepared at {size} px (vqtool prepare --size {size})"
+            )
         if vq_cfg.resolution is None:
             vq_cfg.resolution = image_size
         elif vq_cfg.resolution != image_size:
@@ -203,6 +249,8 @@ class VQTrainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = VQModel(vq_cfg).to(self.device, memory_format=self.memory_format)
         self.disc = PatchDiscriminator(cfg.disc_ch, cfg.disc_layers).to(self.device, memory_format=self.memory_format)
+        if init is not None and init.fresh:
+            self._start_from(init)  # before the EMA and the evaluation copy are taken of the model
         # Under DDP the discriminator's BatchNorm sees the global batch (before its optimizer takes the parameters).
         global_batchnorm(self.disc)
         self.perceptual = build_perceptual(cfg.perceptual, cfg.perceptual_weights)
@@ -231,7 +279,7 @@ class VQTrainer:
     # TrainTask
 
     def resume_key(self) -> dict[str, Any]:
-        return {
+        key = {
             "model": to_dict(self.vq_cfg),
             "dataset": self.dataset_sha,
             "seed": self.seed,
@@ -239,6 +287,9 @@ class VQTrainer:
             "disc_layers": self.cfg.disc_layers,
             "disc_ch": self.cfg.disc_ch,
         }
+        if self.init is not None:  # only then: checkpoints of other runs keep the key they always had
+            key["init"] = self.init.sha256
+        return key
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -449,12 +500,33 @@ class VQTrainer:
             "val": {"l1": ev.get("l1"), "psnr": ev.get("psnr")},
         }
         train_config = {**to_dict(self.cfg), "seed": self.seed}
+        parents = {"dataset": self.dataset_sha}
+        if self.init is not None:
+            parents["init"] = self.init.sha256
         save_vq(self.output, self.vq_cfg, self.ema.shadow, self.model.state_dict(), train_config,
-                parents={"dataset": self.dataset_sha}, extra=extra)
+                parents=parents, extra=extra)
         return [self.output] + ([self.last_grid] if self.last_grid else [])
 
     # ----------------------------------------------------------------------------------------------
     # Helpers
+
+    def _start_from(self, init: VQInit) -> None:
+        """Fine-tuning: the init artifact's weights, and its discriminator when it has one, replace the
+        random initialisation."""
+        art = load_artifact(init.path, "vq-model")
+        disc = {k.removeprefix("disc."): v for k, v in art.tensors.items() if k.startswith("disc.")}
+        load_prefixed_weights(self.model, art, init.weights)
+        if disc:
+            try:
+                self.disc.load_state_dict(disc)
+            except RuntimeError as exc:
+                raise VqtoolError(
+                    f"{init.path}: its discriminator does not fit disc_ch = {self.cfg.disc_ch}, disc_layers = "
+                    f"{self.cfg.disc_layers} ({str(exc).splitlines()[0]})"
+                ) from None
+        if self.vq_cfg.kmeans_init:
+            # Asked for explicitly: the first step replaces the trained codebook by k-means centres after all.
+            self.model.quantizer.initialized.zero_()
 
     @torch.no_grad()
     def _kmeans_init(self) -> None:
@@ -525,29 +597,96 @@ def _recon_sums(images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return torch.stack([l1.sum(), psnr.sum(), torch.tensor(float(images.shape[0]), device=l1.device)]).double().cpu()
 
 
+def _recorded_init(meta, sha: str, init: Path | None) -> VQInit:
+    vq = config_from_dict(meta.config["model"], where=f"{meta.path} model config")
+    return VQInit(sha256=sha, path=init, weights=None, vq=vq,
+                  disc={key: int(meta.config[key]) for key in DISC_SHAPE},
+                  source=f"the checkpoint {meta.path} of a fine-tuning run")
+
+
+def _read_init(path: Path) -> VQInit:
+    meta = read_metadata(path, "vq-model")
+    model = meta.config.get("model")
+    if not isinstance(model, dict):
+        raise VqtoolError(f"{path}: vq-model artifact without a model config")
+    vq = config_from_dict(model, where=f"{path} model config")
+    if vq.resolution is None:  # the image size the model was trained on: what the data must have
+        if not meta.extra.get("image_size"):
+            raise VqtoolError(f"{path}: records no image size (extra.image_size); cannot fine-tune from it")
+        vq.resolution = int(meta.extra["image_size"])
+    names = meta.extra["_tensors"]
+    disc = None
+    if any(name.startswith("disc.") for name in names):
+        shape = meta.extra.get("discriminator")
+        if not isinstance(shape, dict) or any(key not in shape for key in DISC_SHAPE):
+            raise VqtoolError(f"{path}: has discriminator weights (disc.*) but no extra.discriminator "
+                              "{disc_ch, disc_layers} describing them")
+        disc = {key: int(shape[key]) for key in DISC_SHAPE}
+    return VQInit(sha256=file_sha256(path), path=path, weights=start_weights(path, names), vq=vq, disc=disc,
+                  source=f"--init {path}")
+
+
+def fine_tune_settings(
+    start: VQInit, vq_given: Mapping[str, Any], cfg: TrainVQConfig, train_given: Mapping[str, Any]
+) -> tuple[VQConfig, TrainVQConfig]:
+    """The settings of a run that starts from `start`: its model settings, with the caller's TUNABLE
+    choices on a fresh start; one-line errors for chosen settings that contradict it."""
+    tunable = TUNABLE if start.fresh else ()  # a resume keeps every setting of the checkpoint
+    for key, value in vq_given.items():
+        fixed = getattr(start.vq, key)
+        if key not in tunable and value != fixed:
+            raise VqtoolError(f"vq.{key} = {value!r} conflicts with {start.source} ({key} = {fixed!r}); the model "
+                              "settings come from there: drop the setting")
+    vq_cfg = dataclasses.replace(copy.deepcopy(start.vq), **{k: v for k, v in vq_given.items() if k in tunable})
+    if start.fresh and "kmeans_init" not in vq_given:
+        vq_cfg.kmeans_init = False  # k-means would throw the trained codebook away
+    if start.disc is not None:
+        for key in DISC_SHAPE:
+            if key in train_given and train_given[key] != start.disc[key]:
+                raise VqtoolError(f"train_vq.{key} = {train_given[key]!r} conflicts with {start.source} ({key} = "
+                                  f"{start.disc[key]}, the shape of its discriminator): drop the setting")
+        cfg = dataclasses.replace(cfg, **start.disc)
+    return vq_cfg, cfg
+
+
 def train_vq(
     run: str | Path,
-    vq_cfg: VQConfig | None = None,
-    cfg: TrainVQConfig | None = None,
+    vq_cfg: VQConfig | Mapping[str, Any] | None = None,
+    cfg: TrainVQConfig | Mapping[str, Any] | None = None,
     seed: int = 0,
     device: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
     shards: str | Path | None = None,
     output: str | Path | None = None,
+    init: str | Path | None = None,
 ) -> TrainVQResult:
-    """Train a VQGAN on the shards of `run` (or `shards`) and write vq.safetensors; the train-vq stage."""
+    """Train a VQGAN on the shards of `run` (or `shards`) and write vq.safetensors; the train-vq stage.
+
+    `vq_cfg` and `cfg` are settings dataclasses or mappings of the settings chosen (the rest default).
+    `init` fine-tunes a vq-model artifact (see the module docstring): the settings chosen must agree with
+    it, except TUNABLE ones; a dataclass counts as choosing the fields that differ from the defaults.
+    """
     paths = RunPaths.of(run)
-    vq_cfg = copy.deepcopy(vq_cfg) if vq_cfg is not None else VQConfig()
-    cfg = cfg or TrainVQConfig()
+    vq_cfg, vq_given = chosen_settings(VQConfig, vq_cfg, "vq")
+    cfg, train_given = chosen_settings(TrainVQConfig, cfg, "train_vq")
+    if cfg.max_steps is None and cfg.max_minutes is None:
+        raise VqtoolError("give --max-steps or --max-minutes (or set train_vq.max_steps in the recipe)")
     shards = Path(shards) if shards else paths.shards
     output = Path(output) if output else paths.vq
     checkpoint = paths.checkpoint(STAGE)
     if output.exists() and not (resume or overwrite):
         raise VqtoolError(f"{output} exists; pass --overwrite to train a new one, or --resume to continue its run")
+    start_from = find_init(init, checkpoint, "vq-checkpoint", resume, _recorded_init, _read_init)
+    if start_from is not None:
+        if start_from.fresh and output.resolve() == start_from.path.resolve():
+            raise VqtoolError(f"--init {start_from.path} is also the output; fine-tune into another run folder "
+                              "so the init artifact stays")
+        vq_cfg, cfg = fine_tune_settings(start_from, vq_given, cfg, train_given)
     dev = resolve_device(device)
     with distributed_session(dev, process_info()) as proc:
-        task = VQTrainer(vq_cfg, cfg, shards, output, paths.figures(STAGE), seed=seed, device=dev, proc=proc)
+        task = VQTrainer(vq_cfg, cfg, shards, output, paths.figures(STAGE), seed=seed, device=dev, proc=proc,
+                         init=start_from)
         settings = LoopSettings(max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, log_every=cfg.log_every,
                                 eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
         start = time.monotonic()
@@ -557,4 +696,5 @@ def train_vq(
     done = result.step - (task.session_start_step if task.session_start_step is not None else result.step)
     return TrainVQResult(output=output, step=result.step, reason=result.reason, steps_this_session=done,
                          seconds=seconds, val=result.last_eval or task.last_eval, grid=task.last_grid,
-                         device=str(dev))
+                         device=str(dev), init=start_from.path if start_from else None,
+                         init_sha256=start_from.sha256 if start_from else None)
