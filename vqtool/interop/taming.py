@@ -241,7 +241,7 @@ def conditioning(params: dict | None, where: str) -> tuple[int, int]:
     if permuter != IDENTITY_PERMUTER:
         raise VqtoolError(f"{where}: token order {permuter} is not supported (only the identity permuter)")
     cond = params.get("cond_stage_config")
-    if cond == UNCONDITIONAL or cond is None:
+    if cond == UNCONDITIONAL or cond is None or params.get("unconditional"):  # the latter overrides any cond stage
         return int(params.get("sos_token", 0)), 0
     target = str(cond.get("target", "")) if isinstance(cond, dict) else str(cond)
     if target == SOS_PROVIDER:

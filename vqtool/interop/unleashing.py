@@ -211,6 +211,9 @@ def convert_absorbing(state: dict, where: str, heads: int | None = None,
     n_tokens = grid[0] * grid[1]
     if pos.shape[0] < n_tokens:
         raise VqtoolError(f"{where}: {pos.shape[0]} learned positions cannot cover a {grid[0]}×{grid[1]} grid")
+    if pos.shape[0] > n_tokens:
+        inferred["positions"] = (f"the first {n_tokens} of the file's {pos.shape[0]} learned positions (the --vq "
+                                 f"grid is {grid[0]}×{grid[1]}; check its image size if that is unexpected)")
     dst["pos"] = pos[:n_tokens]
     n_layer = gpt_blocks(src, dst)
     move(src, dst, "ln_f", "ln_f")
