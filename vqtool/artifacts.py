@@ -23,6 +23,7 @@ import struct
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,10 +217,12 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer pads it
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
+    # One worker hashes the chunks in order while this thread writes and syncs them (hashlib and file
+    # writes both release the GIL), so a large artifact costs about the longer of the two, not their sum.
+    with ThreadPoolExecutor(1) as hasher, open(path, "wb") as f:
         for chunk in (struct.pack("<Q", len(raw)), raw):
             f.write(chunk)
-            digest.update(chunk)
+            hasher.submit(digest.update, chunk)
         for name in names:
             t = tensors[name].detach()
             if t.device.type != "cpu":
@@ -228,7 +231,9 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
             if t.numel():
                 view = memoryview(t.view(torch.uint8).numpy())
                 f.write(view)
-                digest.update(view)
+                hasher.submit(digest.update, view)
+        f.flush()
+        os.fsync(f.fileno())  # here, while the hash catches up; atomic_path's own fsync then finds nothing to do
     return digest.hexdigest()
 
 

@@ -8,6 +8,8 @@ an unexpected leftover is an error, not a silent loss, and the weights are never
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,3 +141,25 @@ def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], where: st
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise VqtoolError(f"{where}: converted weights do not fit ({lines[min(1, len(lines) - 1)]})") from None
+
+
+_INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "zeros_", "ones_", "constant_",
+                 "trunc_normal_")
+
+
+@contextlib.contextmanager
+def without_init() -> Iterator[None]:
+    """Build modules whose parameters are left uninitialised, for a model that is about to receive weights.
+
+    torch.nn's layers initialise through `torch.nn.init` when they are built; skipping that leaves the
+    freshly allocated memory untouched (and so not resident) until the real tensors replace it. (The
+    meta device would do the same but loads hundreds of modules on first use, seconds of start-up.)
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in _INITIALISERS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
