@@ -1,7 +1,8 @@
 """The `vqtool` command: one thin Typer command per stage (parse → call the stage function → print).
 
 Each stage family registers its commands from its own module; `stage_command` turns a VqtoolError
-into one red line and exit status 2, and a clean Ctrl-C stop into status 130.
+or any OSError (a read-only folder, a full disk, a file in the way) into one red line and exit
+status 2, and a Ctrl-C into status 130, also while the modules are still being imported.
 """
 
 from __future__ import annotations
@@ -9,12 +10,24 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
-import typer
 
-from vqtool.console import console
-from vqtool.errors import VqtoolError
-from vqtool.training import Interrupted
+def _interrupted_at_startup() -> NoReturn:
+    # Ctrl-C while torch is still importing: rich may not be loaded yet, so plain stderr.
+    print("interrupted", file=sys.stderr)
+    raise SystemExit(130)
+
+
+try:
+    import typer
+
+    from vqtool.console import console
+    from vqtool.errors import VqtoolError
+    from vqtool.outputs import os_error_message
+    from vqtool.training import Interrupted
+except KeyboardInterrupt:
+    _interrupted_at_startup()
 
 app = typer.Typer(
     name="vqtool",
@@ -53,6 +66,9 @@ def stage_command(name: str, **kwargs) -> Callable:
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted[/yellow]")
                 raise typer.Exit(130) from None
+            except OSError as exc:
+                fail(os_error_message(exc))
+                raise typer.Exit(2) from None
 
         app.command(name, **kwargs)(wrapper)
         return fn
@@ -67,8 +83,16 @@ def _register_commands() -> None:
     for module in ("data", "vq", "prior", "sample", "evaluate", "pipeline", "interop"):
         importlib.import_module(f"vqtool.cli.{module}")
 
-_register_commands()
+
+try:
+    _register_commands()
+except KeyboardInterrupt:
+    _interrupted_at_startup()
 
 
 def main() -> None:
-    sys.exit(app())
+    try:
+        code = app()
+    except KeyboardInterrupt:  # while typer builds the command, before a stage's own handling
+        _interrupted_at_startup()
+    sys.exit(code)

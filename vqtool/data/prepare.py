@@ -1,15 +1,19 @@
 """The `prepare` stage: a folder or tar of images (or the built-in synthetic set) → webdataset shards.
 
-Flow: list candidate files in sorted order → assign the validation split and the processing order
-with one seeded permutation → convert in worker processes (decode + resize is the cost) → drop exact
-duplicates by decoded-pixel hash, first occurrence wins → write shards into a staging folder →
-write manifest.json last → swap the staging folder into place. Interrupted or failed runs leave any
-previous shards folder untouched. The output depends only on the inputs and settings (not on the
-number of workers), so re-preparing the same data gives byte-identical shards and manifest.
+Flow: list candidate files in sorted order (a subfolder that cannot be listed, or a tar that breaks
+off part-way, is recorded as skipped like a bad file) → put them in a seeded processing order →
+convert in worker processes (decode + resize is the cost) → drop exact duplicates by decoded-pixel
+hash, first occurrence wins → the first good images in that order form the validation split, sized
+from the number of good images, so skipped files never empty it → write shards into a staging
+folder → write manifest.json last → swap the staging folder into place. Interrupted or failed runs
+leave any previous shards folder untouched, and no run folder that prepare created. The output
+depends only on the inputs and settings (not on the number of workers), so re-preparing the same
+data gives byte-identical shards and manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import multiprocessing as mp
 import os
@@ -17,6 +21,7 @@ import shutil
 import signal
 import tarfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,12 +39,25 @@ from vqtool.console import progress
 from vqtool.data import images
 from vqtool.data.images import ConvertSettings, SkipImage
 from vqtool.data.manifest import MANIFEST_KIND, MANIFEST_NAME, MANIFEST_VERSION
-from vqtool.data.shards import ShardWriter, scan_members
+from vqtool.data.shards import BrokenArchive, ShardWriter, scan_members
 from vqtool.data.synthetic import SYNTHETIC
 from vqtool.errors import VqtoolError
+from vqtool.outputs import (
+    check_writable,
+    naming,
+    os_error_message,
+    point_at_output,
+    removed_on_failure,
+    swap_in,
+    tidy_after_killed_runs,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LABEL_MODES = ("none", "folder")
+
+# Skip reasons of a whole source part rather than one file (next to those of vqtool.data.images):
+TRUNCATED_ARCHIVE = "truncated-archive"  # the tar (or tar.gz) ends early; the members before the cut are used
+CORRUPT_ARCHIVE = "corrupt-archive"  # a damaged tar header; the members before it are used
 
 
 @dataclass
@@ -127,11 +145,20 @@ def _is_tar(path: Path) -> bool:
     return path.is_file() and (path.name.lower().endswith((".tar", ".tar.gz", ".tgz")) or tarfile.is_tarfile(path))
 
 
-def _list_folder(src: Path, skip: Path) -> tuple[list[Candidate], int]:
-    """Image files under `src`, not descending into hidden folders (.git, staging) or into `skip`."""
-    found, ignored = [], 0
+def _list_folder(src: Path, skip: Path) -> tuple[list[Candidate], int, list[dict]]:
+    """Image files under `src`, not descending into hidden folders (.git, staging) or into `skip`;
+    and a skip entry for every subfolder that could not be listed (its images would be lost unseen)."""
+    found, ignored, unlisted = [], 0, []
     skip = skip.resolve()
-    for root, dirs, files in os.walk(src):
+
+    def unreadable(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename is not None else src
+        if where == src:
+            raise VqtoolError(f"{src}: cannot list the source folder ({os_error_message(exc)})")
+        unlisted.append({"path": f"{where.relative_to(src).as_posix()}/", "reason": images.UNREADABLE,
+                         "detail": f"folder could not be listed: {os_error_message(exc).split(': ', 1)[-1]}"})
+
+    for root, dirs, files in os.walk(src, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() != skip)
         for name in sorted(files):
             path = Path(root) / name
@@ -141,37 +168,61 @@ def _list_folder(src: Path, skip: Path) -> tuple[list[Candidate], int]:
             else:
                 ignored += 1
     found.sort(key=lambda c: c.name)
-    return found, ignored
+    return found, ignored, sorted(unlisted, key=lambda u: u["path"])
 
 
-def _list_tar(tar_path: Path) -> tuple[list[Candidate], int]:
-    found, ignored = [], 0
+def _list_tar(tar_path: Path, shown_as: Path, cut: str | None = None) -> tuple[list[Candidate], int, list[dict]]:
+    """Members of a tar (`shown_as` is the name the user gave; `cut` says the gzip stream around it
+    ended early). A tar that breaks off part-way gives the members before the break and a skip entry."""
+    found, ignored, problems = [], 0, []
     try:
-        members = scan_members(tar_path)
+        members = scan_members(tar_path, foreign=True)
+    except BrokenArchive as broken:
+        members = broken.members
+        reason = TRUNCATED_ARCHIVE if broken.truncated else CORRUPT_ARCHIVE
+        problems.append({"path": shown_as.name, "reason": reason,
+                         "detail": f"{cut or broken}; the members after it are lost"})
     except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as exc:
-        raise VqtoolError(f"{tar_path}: unreadable tar archive ({exc})") from None
+        raise VqtoolError(f"{shown_as}: unreadable tar archive ({exc})") from None
+    else:
+        if cut:
+            problems.append({"path": shown_as.name, "reason": TRUNCATED_ARCHIVE,
+                             "detail": f"{cut}; the members after it are lost"})
     for name, offset, size, _ in members:
         if _is_image_name(name):
             found.append(Candidate(name, str(tar_path), offset, size))
         else:
             ignored += 1
     found.sort(key=lambda c: c.name)
-    return found, ignored
+    return found, ignored, problems
 
 
-def _gunzip(src: Path, dest: Path) -> Path:
-    """Random access into a .tar.gz is a full decompression per read, so decompress it once."""
+def _gunzip(src: Path, dest: Path) -> tuple[Path, str | None]:
+    """Random access into a .tar.gz is a full decompression per read, so decompress it once. A gzip
+    stream that ends early keeps what came before the cut; the second value then says so."""
+    cut = None
     try:
         with gzip.open(src, "rb") as fin, open(dest, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-    except (OSError, EOFError) as exc:
+            while True:
+                try:
+                    # read1: one decompression step at a time, so a cut loses nothing decoded before it
+                    chunk = fin.read1(1 << 20)
+                except EOFError:
+                    cut = f"the gzip stream ends early (after {fout.tell():,} bytes of tar)"
+                    break
+                if not chunk:
+                    break
+                with naming(dest):
+                    fout.write(chunk)
+    except (gzip.BadGzipFile, zlib.error) as exc:  # other OSErrors (a full disk) are not the archive's fault
         raise VqtoolError(f"{src}: unreadable gzip archive ({exc})") from None
-    return dest
+    return dest, cut
 
 
-def list_source(src: Path, staging: Path, out: Path) -> tuple[list[Candidate], int]:
+def list_source(src: Path, staging: Path, out: Path) -> tuple[list[Candidate], int, list[dict]]:
     """Candidates of a folder (never inside the output folder `out`) or a .tar/.tar.gz (decompressed
-    into `staging`), sorted by name."""
+    into `staging`), sorted by name, the count of ignored files, and skip entries for the parts of the
+    source that could not be read (an unreadable subfolder, an archive cut off part-way)."""
     if not src.exists():
         raise VqtoolError(f"{src}: source not found; give a folder or a .tar/.tar.gz of images")
     if src.is_dir():
@@ -180,8 +231,10 @@ def list_source(src: Path, staging: Path, out: Path) -> tuple[list[Candidate], i
         raise VqtoolError(f"{src}: not a folder or a .tar/.tar.gz archive")
     with open(src, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    tar_path = _gunzip(src, staging / ".source.tar") if gzipped else src
-    return _list_tar(tar_path)
+    if not gzipped:
+        return _list_tar(src, src)
+    tar_path, cut = _gunzip(src, staging / ".source.tar")
+    return _list_tar(tar_path, src, cut)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,13 +314,58 @@ def _results(items: list, settings: PrepareSettings, synthetic: str | None, seed
 # The stage
 
 
-def _split_order(n: int, val_fraction: float, seed: int) -> tuple[list[int], int]:
-    """A seeded permutation of the candidates; its first `n_val` entries form the validation split."""
+def _val_count(n: int, val_fraction: float) -> int:
+    """Size of the val split of n images: at least 1 and at most n - 1 when val_fraction > 0 and n >= 2.
+    It never decreases as n grows, which `_ValSpool` relies on."""
     n_val = round(n * val_fraction)
     if val_fraction > 0 and n >= 2:
         n_val = min(max(n_val, 1), n - 1)
+    return n_val
+
+
+def _split_order(n: int, val_fraction: float, seed: int) -> tuple[list[int], int]:
+    """A seeded processing order of the n candidates, and the val count if none of them is skipped."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g).tolist(), n_val
+    return torch.randperm(n, generator=g).tolist(), _val_count(n, val_fraction)
+
+
+class _ValSpool:
+    """The first good samples in processing order, kept in a file until the number of good images,
+    and so the size of the val split, is known. The val split is the first `_val_count(good)` of
+    them, and the rest go to train; when nothing is skipped that is exactly the first samples met.
+    The spool never needs more than the val count of all candidates, a few percent of the data."""
+
+    def __init__(self, path: Path, capacity: int):
+        self.path = path
+        self.capacity = capacity
+        self.entries: list[tuple[int, int, int | None]] = []  # offset, size, label
+        self._file = None
+
+    def full(self) -> bool:
+        return len(self.entries) >= self.capacity
+
+    def add(self, png: bytes, label: int | None) -> None:
+        if self._file is None:
+            self._file = open(self.path, "w+b")
+        self.entries.append((self._file.tell(), len(png), label))
+        self._file.write(png)
+
+    def drain(self) -> Iterator[tuple[bytes, int | None]]:
+        """(png, label) in the order they were added; the file is removed afterwards."""
+        if self._file is None:
+            return
+        try:
+            for offset, size, label in self.entries:
+                self._file.seek(offset)
+                yield self._file.read(size), label
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.path.unlink(missing_ok=True)
 
 
 def _crop_offset(seed: int, index: int, crop: str) -> float:
@@ -292,14 +390,6 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise VqtoolError(f"{out}: already exists; pass --overwrite to replace it")
 
 
-def _swap_into_place(staging: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _run(
     out: Path,
     candidates: list[Candidate],
@@ -307,6 +397,7 @@ def _run(
     labels: list[int | None],
     classes: list[str],
     pre_skipped: list[dict],
+    unread: list[dict],
     settings: PrepareSettings,
     seed: int,
     source: str,
@@ -316,35 +407,51 @@ def _run(
     t0: float,
     cpu0: float,
 ) -> PrepareResult:
-    order, n_val = _split_order(len(candidates), settings.val_fraction, seed)
-    items = [
-(pos, candidates[i], _crop_offset(seed, i, settings.crop)) for pos, i in enumerate(order)
-    ]
+    order, val_capacity = _split_order(len(candidates), settings.val_fraction, seed)
+    items = [(pos, candidates[i], _crop_offset(seed, i, settings.crop)) for pos, i in enumerate(order)]
     writers = {"val": ShardWriter(staging, "val", settings.shard_size),
                "train": ShardWriter(staging, "train", settings.shard_size)}
+    # The split is chosen once the skipped files are known: chosen before, the skips could empty val.
+    spool = _ValSpool(staging / ".val-spool", val_capacity)
     seen: dict[str, str] = {}
-    skipped = list(pre_skipped)
-    with progress(transient=not show_progress) as bar:
-        task = bar.add_task("prepare", total=len(items), status="", visible=show_progress)
-        done = 0
-        for pos, png, digest, reason, detail, synth_label in _results(items, settings, synthetic, seed):
-            cand = candidates[order[pos]]
-            if png is not None and digest in seen:
-                reason, detail = images.DUPLICATE, f"same pixels as {seen[digest]}"
-            if png is None or reason:
-                skipped.append({"path": cand.name, "reason": reason, "detail": detail})
-            else:
-                seen[digest] = cand.name
-                split = "val" if pos < n_val else "train"
-                label = synth_label if synthetic else labels[order[pos]]
-                writers[split].write(f"{writers[split].count:08d}", png, label)
-            done += 1
-            if done % 64 == 0 or done == len(items):  # the bar redraws a few times a second anyway
-                bar.update(task, completed=done, status=f"{len(skipped)} skipped" if skipped else "")
+    skipped = [*unread, *pre_skipped]
+    try:
+        with progress(transient=not show_progress) as bar:
+            task = bar.add_task("prepare", total=len(items), status="", visible=show_progress)
+            done = 0
+            for pos, png, digest, reason, detail, synth_label in _results(items, settings, synthetic, seed):
+                cand = candidates[order[pos]]
+                if png is not None and digest in seen:
+                    reason, detail = images.DUPLICATE, f"same pixels as {seen[digest]}"
+                if png is None or reason:
+                    skipped.append({"path": cand.name, "reason": reason, "detail": detail})
+                else:
+                    seen[digest] = cand.name
+                    label = synth_label if synthetic else labels[order[pos]]
+                    if not spool.full():
+                        spool.add(png, label)
+                    else:
+                        writers["train"].write(f"{writers['train'].count:08d}", png, label)
+                done += 1
+                if done % 64 == 0 or done == len(items):  # the bar redraws a few times a second anyway
+                    bar.update(task, completed=done, status=f"{len(skipped)} skipped" if skipped else "")
+        good = len(spool.entries) + writers["train"].count
+        if good == 0:
+            raise VqtoolError(f"{source}: no usable images ({len(skipped)} skipped, {ignored} ignored); "
+                              "nothing written")
+        n_val = _val_count(good, settings.val_fraction)
+        if settings.val_fraction > 0 and n_val == 0:
+            raise VqtoolError(f"{source}: only {good} usable image of {len(candidates) + len(pre_skipped)} "
+                              f"({len(skipped)} skipped, {ignored} ignored), but --val-fraction "
+                              f"{settings.val_fraction} (val {val_capacity} of {len(candidates)}) needs at least "
+                              "2: one for val, one for train; add images or pass --val-fraction 0")
+        for i, (png, label) in enumerate(spool.drain()):
+            writer = writers["val"] if i < n_val else writers["train"]
+            writer.write(f"{writer.count:08d}", png, label)
+    finally:
+        spool.close()
     entries = {split: w.close() for split, w in writers.items()}
     counts = {split: writers[split].count for split in ("train", "val")}
-    if counts["train"] + counts["val"] == 0:
-        raise VqtoolError(f"{source}: no usable images ({len(skipped)} skipped, {ignored} ignored); nothing written")
     reasons = Counter(s["reason"] for s in skipped)
     manifest = {
         "kind": MANIFEST_KIND,
@@ -360,13 +467,13 @@ def _run(
         "source": source,
         "seed": seed,
         "settings": _recorded_settings(settings, synthetic),
-        "found": len(candidates) + len(pre_skipped),
+        "found": len(candidates) + len(pre_skipped),  # image files; `unread` are folders and archives
         "ignored": ignored,
         "skipped_counts": dict(sorted(reasons.items())),
         "skipped": skipped,
     }
     atomic_write_json(staging / MANIFEST_NAME, manifest)
-    _swap_into_place(staging, out)
+    swap_in(staging, out, produced=lambda name: True)  # the shards folder is prepare's alone
     total_bytes = sum(e["bytes"] for split in entries.values() for e in split)
     return PrepareResult(
         shards_dir=out,
@@ -389,26 +496,29 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def _staged(out: Path) -> Path:
     """A fresh staging folder beside `out`; staging folders of killed runs (dead pids) are removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for old in out.parent.glob(f".{out.name}.staging-*"):
-        pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
-            shutil.rmtree(old, ignore_errors=True)
+    tidy_after_killed_runs(out, "staging")
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     return staging
+
+
+@contextlib.contextmanager
+def _writing_shards(out: Path) -> Iterator[Path]:
+    """The staging folder to build the shards in. Writability is checked before any image is read;
+    on failure the staging folder goes, and so do the folders created for `out` (a failed prepare
+    leaves no empty run folder), and OSErrors name `out` rather than the staging folder."""
+    with removed_on_failure(check_writable(out, folder=True)):
+        staging = _staged(out)
+        try:
+            yield staging
+        except OSError as exc:
+            point_at_output(exc, staging, out)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def prepare_images(
@@ -425,9 +535,8 @@ def prepare_images(
     src, out = Path(src), Path(out)
     _check_output(out, overwrite)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    staging = _staged(out)
-    try:
-        candidates, ignored = list_source(src, staging, out)
+    with _writing_shards(out) as staging:
+        candidates, ignored, unread = list_source(src, staging, out)
         labels: list[int | None] = [None] * len(candidates)
         classes: list[str] = []
         pre_skipped: list[dict] = []
@@ -445,11 +554,11 @@ def prepare_images(
             candidates = [c for c, _ in kept]
             labels = [index[p] for _, p in kept]
         if not candidates:
-            raise VqtoolError(f"{src}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
-        return _run(out, candidates, ignored, labels, classes, pre_skipped, settings, seed,
+            unreadable = f"; {len(unread)} part(s) could not be read, first {unread[0]['path']} " \
+                         f"({unread[0]['detail']})" if unread else ""
+            raise VqtoolError(f"{src}: no image files found ({', '.join(IMAGE_EXTENSIONS)}){unreadable}")
+        return _run(out, candidates, ignored, labels, classes, pre_skipped, unread, settings, seed,
                     str(src), None, staging, show_progress, t0, cpu0)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def prepare_synthetic(
@@ -471,11 +580,8 @@ def prepare_synthetic(
     out = Path(out)
     _check_output(out, overwrite)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    staging = _staged(out)
-    try:
+    with _writing_shards(out) as staging:
         candidates = [Candidate(f"{name}/{i:08d}", "", index=i) for i in range(count)]
         classes = list(SYNTHETIC[name][1])
-        return _run(out, candidates, 0, [None] * count, classes, [], settings, seed,
+        return _run(out, candidates, 0, [None] * count, classes, [], [], settings, seed,
                     f"synthetic:{name}", name, staging, show_progress, t0, cpu0)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

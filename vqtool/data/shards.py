@@ -7,6 +7,7 @@ byte offsets, so a loader can skip samples without decoding (or even reading) th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tarfile
@@ -72,6 +73,7 @@ class ShardWriter:
         self.shard_size = shard_size
         self.entries: list[dict] = []
         self._file = None
+        self._path: Path | None = None
         self._hash = None
         self._bytes = 0
         self._in_shard = 0
@@ -80,16 +82,28 @@ class ShardWriter:
     def _open_next(self) -> None:
         self._close_current()
         name = shard_name(self.split, len(self.entries))
-        self._file = open(self.folder / name, "wb")
+        self._path = self.folder / name
+        self._file = open(self._path, "wb")
         self._hash = hashlib.sha256()
         self._bytes = 0
         self.entries.append({"name": name, "samples": 0, "sha256": "", "bytes": 0})
         self._in_shard = 0
 
     def _emit(self, data: bytes) -> None:
-        self._file.write(data)
+        with self._naming():
+            self._file.write(data)
         self._hash.update(data)
         self._bytes += len(data)
+
+    @contextlib.contextmanager
+    def _naming(self):
+        # A write() that fails (a full disk) raises an OSError without a file name; give it the shard's.
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(self._path)
+            raise
 
     def _add(self, name: str, data: bytes) -> None:
         self._emit(ustar_header(name, len(data)))
@@ -112,9 +126,10 @@ class ShardWriter:
         if self._file is None:
             return
         self._emit(bytes(2 * _BLOCK))  # end-of-archive marker
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with self._naming():
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         self._file = None
         self.entries[-1]["bytes"] = self._bytes
         self.entries[-1]["sha256"] = self._hash.hexdigest()
@@ -125,10 +140,30 @@ class ShardWriter:
         return self.entries
 
 
-def scan_members(path: Path) -> list[tuple[str, int, int, bytes]]:
-    """(name, data offset, size, data when at most 32 bytes) of every regular file in a tar."""
-    members = _scan_headers(path)
-    return _scan_with_tarfile(path) if members is None else members
+class BrokenArchive(ValueError):
+    """A tar that is cut off or damaged part-way: `members` are the ones before the break, intact.
+
+    `truncated` tells a cut (the file ends inside a header or a member, or without tar's end marker)
+    from a damaged header in the middle of the file.
+    """
+
+    def __init__(self, members: list[tuple[str, int, int, bytes]], what: str, truncated: bool = True):
+        self.members = members
+        self.truncated = truncated
+        super().__init__(f"{what} ({len(members)} complete member(s) before it)")
+
+
+def scan_members(path: Path, foreign: bool = False) -> list[tuple[str, int, int, bytes]]:
+    """(name, data offset, size, data when at most 32 bytes) of every regular file in a tar.
+
+    A tar cut inside a header or a member raises BrokenArchive instead of ending quietly early.
+    `foreign` is for archives vqtool did not write (prepare's sources): every header's checksum is
+    verified too, and a file that stops at a header boundary without tar's end-of-archive blocks (a
+    download cut at a round size ends like that) is a BrokenArchive as well. Shards need neither:
+    their manifest holds their sha256, and the checksums would double the time to index them.
+    """
+    members = _scan_headers(path, foreign)
+    return _scan_with_tarfile(path, foreign) if members is None else members
 
 
 def _octal(field: bytes) -> int:
@@ -138,20 +173,48 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
-def _scan_headers(path: Path) -> list[tuple[str, int, int, bytes]] | None:
+_HIGH_BYTES = bytes(range(128, 256))
+
+
+def _checksum_ok(header: bytes) -> bool:
+    try:
+        stored = _octal(header[148:156])
+    except ValueError:
+        return False
+    blanked = header[:148] + b" " * 8 + header[156:]
+    unsigned = sum(blanked)
+    if stored == unsigned:
+        return True
+    # Some old writers summed signed bytes: each byte of 128 and above then counts 256 less.
+    high = len(blanked) - len(blanked.translate(None, _HIGH_BYTES))
+    return stored == unsigned - 256 * high
+
+
+def _scan_headers(path: Path, foreign: bool = False) -> list[tuple[str, int, int, bytes]] | None:
     """(name, data offset, size, data if tiny) of every regular member, reading headers only.
 
     Returns None for archives that use pax or GNU long-name headers; the caller then uses tarfile.
     """
-    members = []
+    members: list[tuple[str, int, int, bytes]] = []
     size_on_disk = path.stat().st_size
     with open(path, "rb") as f:
         pos = 0
         while True:
             f.seek(pos)
             header = f.read(512)
-            if len(header) < 512 or header == bytes(512):
+            if not header:
+                if foreign and pos > 0:
+                    raise BrokenArchive(members, f"the file ends at byte {pos} without tar's end-of-archive "
+                                                 "marker; it may be cut off")
                 break
+            if len(header) < 512:
+                raise BrokenArchive(members, f"the file ends inside a tar header (byte {pos} of {size_on_disk})")
+            if header == bytes(512):
+                break
+            if foreign and not _checksum_ok(header):
+                if pos == 0:
+                    raise ValueError("not a tar archive (bad header checksum)")
+                raise BrokenArchive(members, f"damaged tar header at byte {pos}", truncated=False)
             kind = header[156:157]
             if kind in (b"x", b"g", b"L", b"K"):
                 return None
@@ -163,7 +226,7 @@ def _scan_headers(path: Path) -> list[tuple[str, int, int, bytes]] | None:
             size = _octal(header[124:136])
             data_at = pos + 512
             if data_at + size > size_on_disk:
-                raise ValueError(f"member {name!r} runs past the end of the file (truncated)")
+                raise BrokenArchive(members, f"member {name!r} is cut off: its data runs past the end of the file")
             if kind in (b"0", b"\0", b"7"):
                 tiny = f.read(size) if size <= 32 else b""
                 members.append((name, data_at, size, tiny))
@@ -171,13 +234,36 @@ def _scan_headers(path: Path) -> list[tuple[str, int, int, bytes]] | None:
     return members
 
 
-def _scan_with_tarfile(path: Path) -> list[tuple[str, int, int, bytes]]:
-    members = []
+def _scan_with_tarfile(path: Path, foreign: bool = False) -> list[tuple[str, int, int, bytes]]:
+    members: list[tuple[str, int, int, bytes]] = []
+    size_on_disk = path.stat().st_size
     with tarfile.open(path, "r:") as tar:
-        for m in tar:
+        while True:
+            try:
+                m = tar.next()
+            except tarfile.ReadError as exc:  # raised when the previous member's data is cut off
+                raise BrokenArchive(members, f"the archive is cut off ({exc})") from None
+            if m is None:
+                break
             if m.isfile():
+                if m.offset_data + m.size > size_on_disk:
+                    raise BrokenArchive(members, f"member {m.name!r} is cut off: its data runs past the end "
+                                                 "of the file")
                 tiny = tar.extractfile(m).read() if m.size <= 32 else b""
                 members.append((m.name, m.offset_data, m.size, tiny))
+        end = tar.offset
+    # tarfile stops without a word at a short or damaged header (it checks the checksums itself):
+    # look at what is there.
+    with open(path, "rb") as f:
+        f.seek(end)
+        block = f.read(512)
+    if not block and foreign and end > 0:
+        raise BrokenArchive(members, f"the file ends at byte {end} without tar's end-of-archive marker; "
+                                     "it may be cut off")
+    if 0 < len(block) < 512:
+        raise BrokenArchive(members, f"the file ends inside a tar header (byte {end} of {size_on_disk})")
+    if block and block != bytes(512):
+        raise BrokenArchive(members, f"damaged tar header at byte {end}", truncated=False)
     return members
 
 

@@ -26,6 +26,7 @@ from vqtool.eval import features as feats
 from vqtool.eval import metrics as M
 from vqtool.eval.report import markdown_table, write_report
 from vqtool.eval.sources import ImageSource, prior_source, resolve_path_source, shards_source
+from vqtool.outputs import check_writable, removed_on_failure
 from vqtool.runs import RunPaths
 
 METRICS = ("fid", "kid", "prdc", "recon", "nll")
@@ -199,9 +200,10 @@ def evaluate(
     paths = RunPaths.of(run)
     dev = resolve_device(device)
     json_path, artifact_path = _outputs(paths.eval, s.name, overwrite)
+    created = check_writable(json_path)  # before any sampling or feature extraction
     cache_dir = (Path(s.cache_dir) if s.cache_dir else paths.eval) if s.cache else None
 
-    with _Bars(show_progress) as bars:
+    with removed_on_failure(created), _Bars(show_progress) as bars:
         ev = _Eval(s=s, paths=paths, device=dev, seed=seed, bars=bars, cache_dir=cache_dir)
         wants = set(s.metrics)
         if wants & {*GENERATIVE, "recon"}:
@@ -448,9 +450,11 @@ def neighbour_check(
     else:
         val = shards_source(shards, "val", option="--run") if s.n_val else None
     n_val = min(s.n_val, val.available or 0) if val is not None else 0
-    lpips_model = load_lpips(s.net, s.lpips_weights, dev, s.download)  # before sampling: fail fast
+    created = check_writable(json_path)  # before any sampling or LPIPS
+    with removed_on_failure(created):
+        lpips_model = load_lpips(s.net, s.lpips_weights, dev, s.download)  # before sampling: fail fast
 
-    with _Bars(show_progress) as bars:
+    with removed_on_failure(created), _Bars(show_progress) as bars:
         if s.fake:
             fake = resolve_path_source(s.fake, "--fake", "train", train.image_size, vq, dev)
         elif paths.samples_artifact.exists():

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vqtool.errors import VqtoolError
+from vqtool.outputs import check_writable, matcher, naming, refuse_enclosing, removed_on_failure, staged_folder
 from vqtool.prior.sample import (
     QUANTIZE,
     Progress,
@@ -38,6 +39,11 @@ from vqtool.prior.sample import (
 )
 from vqtool.prior.schedules import Draw, make_schedule, n_steps, reveal
 from vqtool.prior.store import LoadedPrior
+
+# The files `inpaint` writes into its folder; anything else found there (such as the pipeline's
+# source.png) is kept when the folder is replaced.
+INPAINT_OUTPUTS = matcher("original.png", "reconstruction.png", "mask.png", "completion-*.png", "grid.png",
+                          "inpaint.safetensors", ".*.tmp")
 
 AR_REFUSAL = ("inpainting needs an absorbing prior: an autoregressive prior sees only the tokens before "
               "each one in raster order, so it cannot use the image below or right of the hole")
@@ -230,7 +236,8 @@ def inpaint_image(
 
     Writes out_dir/original.png (the image at the VQ's size), reconstruction.png (its tokens decoded),
     mask.png (the regenerated token cells tinted red), completion-NN.png, grid.png (all of them in one
-    row), and inpaint.safetensors (the completions' tokens, kind `samples`).
+    row), and inpaint.safetensors (the completions' tokens, kind `samples`), through a staging folder
+    that replaces out_dir at the end (a failed run leaves the previous outputs intact).
     """
     from vqtool.artifacts import file_sha256, read_metadata
     from vqtool.device import resolve_device
@@ -238,6 +245,8 @@ def inpaint_image(
     from vqtool.prior.sample import decode, load_pair
     from vqtool.samples import save_samples
 
+    if n < 1:
+        raise VqtoolError(f"--n must be at least 1 (got {n})")
     if (mask_path is None) == (box is None):
         raise VqtoolError("pass exactly one of --mask MASK.png or --box x0,y0,x1,y1")
     if quantize not in QUANTIZE:
@@ -248,66 +257,67 @@ def inpaint_image(
         raise VqtoolError(f"{artifact} exists; pass --overwrite to replace it, or choose another --out")
     if Path(prior_path).exists() and read_metadata(prior_path, "prior-model").config.get("prior") != "absorbing":
         raise VqtoolError(f"{prior_path}: {AR_REFUSAL}")
-    dev = resolve_device(device)
-    prior, vq = load_pair(prior_path, vq_path, dev)
-    if quantize == "int8":
-        prior = dataclasses.replace(prior, model=quantize_int8(prior.model))
-    size = vq.image_size
-    grid = vq.model.latent_shape(size)
+    refuse_enclosing(out_dir, (prior_path, vq_path))  # IMAGE may live there (the pipeline's source.png)
+    with removed_on_failure(check_writable(out_dir, folder=True)):
+        dev = resolve_device(device)
+        prior, vq = load_pair(prior_path, vq_path, dev)
+        if quantize == "int8":
+            prior = dataclasses.replace(prior, model=quantize_int8(prior.model))
+        size = vq.image_size
+        grid = vq.model.latent_shape(size)
 
-    image, image_wh = load_image(image_path, size)
-    pixels = box_mask(box, image_wh) if box is not None else load_mask(mask_path, image_wh, size)
-    pixels = torch.from_numpy(fit_mask(pixels, size))
-    if not bool(pixels.any()):
-        raise VqtoolError("the mask covers no pixels of the cropped image; mark the region to regenerate "
-                          "in white (--mask) or check the --box coordinates")
-    with torch.inference_mode():
-        tokens = vq.model.encode_to_tokens(image[None].to(dev))[0].cpu()
-    masked = token_mask(pixels, tuple(tokens.shape))
-    if tuple(tokens.shape) != tuple(grid):
-        raise VqtoolError(f"{vq_path}: encoded a {tuple(tokens.shape)} grid, expected {tuple(grid)}")
-    class_id = resolve_class(prior, class_id)
-    labels = default_labels(prior, n, class_id)
+        image, image_wh = load_image(image_path, size)
+        pixels = box_mask(box, image_wh) if box is not None else load_mask(mask_path, image_wh, size)
+        pixels = torch.from_numpy(fit_mask(pixels, size))
+        if not bool(pixels.any()):
+            raise VqtoolError("the mask covers no pixels of the cropped image; mark the region to regenerate "
+                              "in white (--mask) or check the --box coordinates")
+        with torch.inference_mode():
+            tokens = vq.model.encode_to_tokens(image[None].to(dev))[0].cpu()
+        masked = token_mask(pixels, tuple(tokens.shape))
+        if tuple(tokens.shape) != tuple(grid):
+            raise VqtoolError(f"{vq_path}: encoded a {tuple(tokens.shape)} grid, expected {tuple(grid)}")
+        class_id = resolve_class(prior, class_id)
+        labels = default_labels(prior, n, class_id)
 
-    start = time.perf_counter()
-    completions = inpaint_tokens(prior, tokens, masked, n, settings, labels, progress)
-    seconds = time.perf_counter() - start
-    schedule = make_schedule(settings.schedule, settings.order, settings.curve)
-    steps_run = n_steps(schedule, tokens.numel(), settings.steps, int(masked.sum()))
+        start = time.perf_counter()
+        completions = inpaint_tokens(prior, tokens, masked, n, settings, labels, progress)
+        seconds = time.perf_counter() - start
+        schedule = make_schedule(settings.schedule, settings.order, settings.curve)
+        steps_run = n_steps(schedule, tokens.numel(), settings.steps, int(masked.sum()))
 
-    decoded = decode(vq.model, torch.cat([tokens[None], completions]), settings.batch_size, dev)
-    reconstruction, results = decoded[0], decoded[1:]
-    if keep_pixels:
-        results = torch.where(pixels.unsqueeze(0).unsqueeze(0), results, image.unsqueeze(0))
+        decoded = decode(vq.model, torch.cat([tokens[None], completions]), settings.batch_size, dev)
+        reconstruction, results = decoded[0], decoded[1:]
+        if keep_pixels:
+            results = torch.where(pixels.unsqueeze(0).unsqueeze(0), results, image.unsqueeze(0))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        artifact.unlink(missing_ok=True)
-        for old in out_dir.glob("completion-*.png"):
-            old.unlink()
-    original_path, overlay_path = out_dir / "original.png", out_dir / "mask.png"
-    save_png(image, original_path)
-    save_png(reconstruction, out_dir / "reconstruction.png")
-    shown = overlay(image, cell_mask(masked, size))
-    save_png(shown, overlay_path)
-    digits = max(2, len(str(n - 1)))
-    paths = []
-    for i, result in enumerate(results):
-        path = out_dir / f"completion-{i:0{digits}d}.png"
-        save_png(result, path)
-        paths.append(path)
-    grid_path = out_dir / "grid.png"
-    row = torch.cat([image[None], shown[None], results])
-    save_grid(row, grid_path, nrow=min(len(row), 10))
-    record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
-              "class": class_id, "device": dev.type, "box": list(box) if box is not None else None,
-              "mask": str(mask_path) if mask_path is not None else None, "keep_pixels": keep_pixels,
-              "masked_tokens": int(masked.sum()), "steps_run": steps_run}
-    record["shape"] = list(tokens.shape)
-    parents = {"prior": prior.artifact.sha256, "vq": vq.artifact.sha256, "image": file_sha256(image_path)}
-    save_samples(artifact, completions, labels, record, parents=parents, codebook_size=prior.cfg.vocab_size,
-                 extra={"original_tokens": tokens.reshape(-1).tolist(),
-                        "token_mask": masked.reshape(-1).int().tolist(), "seconds": seconds})
+        shown = overlay(image, cell_mask(masked, size))
+        digits = max(2, len(str(n - 1)))
+        names = [f"completion-{i:0{digits}d}.png" for i in range(n)]
+        pngs = [("original.png", image), ("reconstruction.png", reconstruction), ("mask.png", shown),
+                *zip(names, results, strict=True)]
+        record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
+                  "class": class_id, "device": dev.type, "box": list(box) if box is not None else None,
+                  "mask": str(mask_path) if mask_path is not None else None, "keep_pixels": keep_pixels,
+                  "masked_tokens": int(masked.sum()), "steps_run": steps_run}
+        record["shape"] = list(tokens.shape)
+        # Hashed before the folder is replaced: IMAGE may live in it (the pipeline's source.png).
+        parents = {"prior": prior.artifact.sha256, "vq": vq.artifact.sha256, "image": file_sha256(image_path)}
+        # Everything goes into a staging folder that replaces out_dir only once it is complete.
+        with staged_folder(out_dir, INPAINT_OUTPUTS) as staging:
+            for name, picture in pngs:
+                with naming(out_dir / name):
+                    save_png(picture, staging / name)
+            with naming(out_dir / "grid.png"):
+                row = torch.cat([image[None], shown[None], results])
+                save_grid(row, staging / "grid.png", nrow=min(len(row), 10))
+            with naming(artifact):
+                save_samples(staging / artifact.name, completions, labels, record, parents=parents,
+                             codebook_size=prior.cfg.vocab_size,
+                             extra={"original_tokens": tokens.reshape(-1).tolist(),
+                                    "token_mask": masked.reshape(-1).int().tolist(), "seconds": seconds})
+    original_path, overlay_path, grid_path = out_dir / "original.png", out_dir / "mask.png", out_dir / "grid.png"
+    paths = [out_dir / name for name in names]
     return InpaintResult(tokens=completions, masked_tokens=int(masked.sum()), steps_run=steps_run,
                          original=original_path, overlay=overlay_path, completions=paths, grid=grid_path,
                          artifact=artifact, seconds=seconds)

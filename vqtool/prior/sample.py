@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vqtool.errors import VqtoolError
+from vqtool.outputs import check_writable, matcher, naming, refuse_enclosing, removed_on_failure, staged_folder
 from vqtool.prior.schedules import CURVES, ORDERS, SCHEDULES, Draw, Predict, make_schedule, n_steps, reveal
 from vqtool.prior.store import LoadedPrior
 from vqtool.prior.transformer import Transformer
@@ -36,6 +37,9 @@ Progress = Callable[[int, int], None]
 """progress(completed, total) in units of predictor calls (absorbing) or grid positions (autoregressive)."""
 
 QUANTIZE = ("none", "int8")
+
+# The files `sample` writes into its folder; anything else found there is kept when it is replaced.
+SAMPLE_OUTPUTS = matcher("sample-*.png", "grid.png", "samples.safetensors", ".*.tmp")
 
 
 @dataclass
@@ -324,7 +328,10 @@ def load_pair(prior_path: Path, vq_path: Path, device: torch.device):
         raise VqtoolError(f"{prior_path}: no prior here; run `vqtool train-prior` first (or pass --prior)")
     if not vq_path.exists():
         raise VqtoolError(f"{vq_path}: no VQ model here; pass --vq or the right --run")
-    require_parent(read_metadata(prior_path, "prior-model"), "vq", vq_path)
+    prior_meta = read_metadata(prior_path, "prior-model")
+    # What is wrong with the VQ file itself (a latents file, a damaged file) comes before whose it is.
+    read_metadata(vq_path, "vq-model")
+    require_parent(prior_meta, "vq", vq_path)
     prior = load_prior(prior_path, device)
     vq = load_vq(vq_path, device)
     if vq.model.codebook_size != prior.cfg.vocab_size:
@@ -358,7 +365,9 @@ def sample_images(
     """The `sample` stage: n images from the prior through the VQ decoder, as PNGs + samples.safetensors.
 
     Writes out_dir/sample-NNNN.png, out_dir/grid.png (the first `grid_max` images) and
-    out_dir/samples.safetensors (written last: its presence means the run finished).
+    out_dir/samples.safetensors. They are written into a staging folder beside out_dir that replaces
+    it at the end, so a run that fails (a full disk, Ctrl-C) leaves the previous outputs intact.
+    Files in an old out_dir that `sample` does not write are carried over.
     """
     from vqtool.device import resolve_device
     from vqtool.grids import save_grid, save_png
@@ -366,49 +375,50 @@ def sample_images(
 
     out_dir = Path(out_dir)
     artifact = out_dir / "samples.safetensors"
+    if n < 1:
+        raise VqtoolError(f"--n must be at least 1 (got {n})")
     if artifact.exists() and not overwrite:
         raise VqtoolError(f"{artifact} exists; pass --overwrite to replace it, or choose another --out")
     if quantize not in QUANTIZE:
         raise VqtoolError(f"--quantize must be one of {', '.join(QUANTIZE)} (got {quantize!r})")
-    dev = resolve_device(device)
-    prior, vq = load_pair(prior_path, vq_path, dev)
-    check_settings(settings, prior)
-    if quantize == "int8":
-        prior = dataclasses.replace(prior, model=quantize_int8(prior.model))
-    class_id = resolve_class(prior, class_id)
-    labels = default_labels(prior, n, class_id)
+    refuse_enclosing(out_dir, (prior_path, vq_path))
+    with removed_on_failure(check_writable(out_dir, folder=True)):
+        dev = resolve_device(device)
+        prior, vq = load_pair(prior_path, vq_path, dev)
+        check_settings(settings, prior)
+        if quantize == "int8":
+            prior = dataclasses.replace(prior, model=quantize_int8(prior.model))
+        class_id = resolve_class(prior, class_id)
+        labels = default_labels(prior, n, class_id)
 
-    start = time.perf_counter()
-    tokens = sample_tokens(prior, n, settings, labels, progress)
-    seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        tokens = sample_tokens(prior, n, settings, labels, progress)
+        seconds = time.perf_counter() - start
 
-    # Decode and write a batch at a time, so memory does not grow with --n.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        # The artifact goes first: while it is absent, the folder is known to be incomplete.
-        artifact.unlink(missing_ok=True)
-        for old in out_dir.glob("sample-*.png"):
-            old.unlink()
-    digits = max(4, len(str(n - 1)))
-    paths, shown = [], []
-    start = time.perf_counter()
-    for first in range(0, n, settings.batch_size):
-        images = decode(vq.model, tokens[first:first + settings.batch_size], settings.batch_size, dev)
-        for i, image in enumerate(images, start=first):
-            path = out_dir / f"sample-{i:0{digits}d}.png"
-            save_png(image, path)
-            paths.append(path)
-        shown.extend(images[:max(0, grid_max - len(shown))])
-    decode_seconds = time.perf_counter() - start
-    grid = out_dir / "grid.png"
-    save_grid(torch.stack(shown), grid, nrow=max(1, math.ceil(math.sqrt(len(shown)))))
-    record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
-              "class": class_id, "device": dev.type}
-    record["shape"] = list(tokens.shape[1:])
-    save_samples(artifact, tokens, labels, record,
-                 parents={"prior": prior.artifact.sha256, "vq": vq.artifact.sha256},
-                 codebook_size=prior.cfg.vocab_size,
-                 extra={"seconds": seconds, "images_per_second": n / max(seconds, 1e-9),
-                        "classes": list(prior.artifact.extra.get("classes", []))})
-    return SampleResult(tokens=tokens, labels=labels, images=paths, grid=grid, artifact=artifact,
+        digits = max(4, len(str(n - 1)))
+        names = [f"sample-{i:0{digits}d}.png" for i in range(n)]
+        # Everything goes into a staging folder that replaces out_dir only once it is complete.
+        with staged_folder(out_dir, SAMPLE_OUTPUTS) as staging:
+            shown = []
+            start = time.perf_counter()
+            for first in range(0, n, settings.batch_size):  # a batch at a time: memory does not grow with --n
+                images = decode(vq.model, tokens[first:first + settings.batch_size], settings.batch_size, dev)
+                for name, image in zip(names[first:first + len(images)], images, strict=True):
+                    with naming(out_dir / name):
+                        save_png(image, staging / name)
+                shown.extend(images[:max(0, grid_max - len(shown))])
+            decode_seconds = time.perf_counter() - start
+            with naming(out_dir / "grid.png"):
+                save_grid(torch.stack(shown), staging / "grid.png", nrow=max(1, math.ceil(math.sqrt(len(shown)))))
+            record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
+                      "class": class_id, "device": dev.type}
+            record["shape"] = list(tokens.shape[1:])
+            with naming(artifact):
+                save_samples(staging / artifact.name, tokens, labels, record,
+                             parents={"prior": prior.artifact.sha256, "vq": vq.artifact.sha256},
+                             codebook_size=prior.cfg.vocab_size,
+                             extra={"seconds": seconds, "images_per_second": n / max(seconds, 1e-9),
+                                    "classes": list(prior.artifact.extra.get("classes", []))})
+    paths = [out_dir / name for name in names]
+    return SampleResult(tokens=tokens, labels=labels, images=paths, grid=out_dir / "grid.png", artifact=artifact,
                         seconds=seconds, decode_seconds=decode_seconds, prior_kind=prior.kind)

@@ -17,6 +17,7 @@ from vqtool.device import autocast, resolve_device
 from vqtool.errors import VqtoolError
 from vqtool.grids import make_grid, save_png
 from vqtool.latents import Latents, Split, save_latents
+from vqtool.outputs import check_writable, removed_on_failure
 from vqtool.runs import RunPaths
 from vqtool.vq.store import LoadedVQ, load_vq
 
@@ -88,6 +89,18 @@ def encode_dataset(
             f"now {parents['vq'][:12]}…); pass --overwrite to re-encode"
         )
 
+    with removed_on_failure(check_writable(output)):  # before minutes of encoding, not after
+        splits, usage, seconds = _encode_splits(vq, shards, manifest, batch_size, dev)
+        latents = Latents(splits=splits, codebook_size=vq.model.codebook_size, latent_shape=latent_shape,
+                          image_size=image_size, classes=list(manifest.get("classes", [])))
+        save_latents(output, latents, parents=parents, config_extra={"vq_weights": weights})
+    counts = {s: int(v.tokens.shape[0]) for s, v in splits.items()}
+    return EncodeResult(output, False, counts, latent_shape, vq.model.codebook_size, seconds, vq.sha256, usage)
+
+
+def _encode_splits(vq: LoadedVQ, shards: Path, manifest: dict, batch_size: int,
+                   dev: torch.device) -> tuple[dict[str, Split], dict[str, float], float]:
+    """Token grids of every non-empty split, the fraction of codes each uses, and the seconds taken."""
     splits: dict[str, Split] = {}
     usage: dict[str, float] = {}
     totals = {s: int(manifest["counts"].get(s, 0)) for s in ("train", "val")}
@@ -107,12 +120,7 @@ def encode_dataset(
             grid = torch.cat(tokens)
             splits[split] = Split(tokens=grid, labels=torch.cat(labels) if labels else None)
             usage[split] = grid.unique().numel() / vq.model.codebook_size
-    seconds = time.perf_counter() - start
-    latents = Latents(splits=splits, codebook_size=vq.model.codebook_size, latent_shape=latent_shape,
-                      image_size=image_size, classes=list(manifest.get("classes", [])))
-    save_latents(output, latents, parents=parents, config_extra={"vq_weights": weights})
-    counts = {s: int(v.tokens.shape[0]) for s, v in splits.items()}
-    return EncodeResult(output, False, counts, latent_shape, vq.model.codebook_size, seconds, vq.sha256, usage)
+    return splits, usage, time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -187,6 +195,7 @@ def reconstruct_images(
     vq_path = Path(vq_path) if vq_path else paths.vq
     out_dir = Path(out_dir) if out_dir else paths.root / "reconstructions"
     files = _collect_images(inputs)
+    check_writable(out_dir, folder=True)
     dev = resolve_device(device)
     vq = load_vq(vq_path, dev, weights)
     size = vq.image_size
@@ -257,6 +266,7 @@ def decode_artifact(
     out_dir = Path(out_dir) if out_dir else paths.root / "decoded"
     if limit is not None and limit < 1:
         raise VqtoolError(f"--limit {limit}: must be at least 1")
+    check_writable(out_dir, folder=True)
     dev = resolve_device(device)
     art = load_artifact(source, ("latents", "samples"))
     vq = load_vq(vq_path, dev, weights)
