@@ -3,24 +3,29 @@
 A trainer (train-vq, train-prior) implements `TrainTask`: one optimisation step, an evaluation, and
 its state as a nested dict. This module owns everything around that, so the guarantees are written
 once: checkpoints are atomic safetensors, resume restores model, optimizer, EMA, step, data position
-and every random state, Ctrl-C finishes the current step, saves and stops, and a non-finite loss
-stops the run without overwriting the last good checkpoint.
+and every random state, Ctrl-C and SIGTERM finish the current step, save and stop, a non-finite loss
+stops the run without overwriting the last good checkpoint, and a resume with no steps left rewrites
+nothing. One process at a time trains on a checkpoint (vqtool.runlock); it starts by removing the
+temporary files that killed writers of its checkpoint, log and outputs left behind.
 
 Under torchrun (several processes) every rank runs this loop in lockstep: the stop decisions (time
-limit, Ctrl-C, early stop) and the logged scalars are agreed on by all ranks every step, only rank 0
-writes the log, the progress bar, the checkpoint and the outputs, and the checkpoint holds each rank's
-own random state (gathered from every rank). A resume with another number of processes restores what
-carries over and re-derives the rest, and says so.
+limit, Ctrl-C or SIGTERM on any rank, early stop) and the logged scalars are agreed on by all ranks every
+step, only rank 0 takes the run lock and writes the log, the progress bar, the checkpoint and the
+outputs, and the checkpoint holds each rank's own random state (gathered from every rank). A resume with
+another number of processes restores what carries over and re-derives the rest, and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import random
+import re
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,10 +34,19 @@ import numpy as np
 import torch
 
 from vqtool import statepack
-from vqtool.artifacts import atomic_write_text, load_artifact, save_artifact
+from vqtool.artifacts import atomic_write_text, command_line, load_artifact, save_artifact
 from vqtool.console import console, progress
-from vqtool.distributed import ProcessInfo, any_across_ranks, gather_states, mean_across_ranks, process_info
+from vqtool.distributed import (
+    ProcessInfo,
+    any_across_ranks,
+    broadcast_object,
+    gather_states,
+    mean_across_ranks,
+    process_info,
+)
 from vqtool.errors import VqtoolError
+from vqtool.outputs import check_writable
+from vqtool.runlock import RunLock, lock_path
 
 
 @dataclass
@@ -64,8 +78,12 @@ class TrainTask(Protocol):
         """Settings that must not change across a resume (model shape, data); compared on --resume."""
 
     def export(self) -> list[Path]:
-        """Write the stage's output artifact(s); called on rank 0 when the run stops for any reason but NaN."""
+        """Write the stage's output artifact(s); called on rank 0 when the run stops for any reason but NaN,
+        and on a resume with no steps left only if an artifact of `output_paths()` is missing."""
 
+    # Optional: the artifact paths `export` writes, so that a resume with no steps left can leave them
+    # alone (re-exporting only a missing one) and stale temporary files beside them can be removed:
+    #   def output_paths(self) -> list[Path]: ...
     # Optional, for state that differs between the ranks of a multi-process run (e.g. a per-rank
     # augmentation generator); the loop gathers it from every rank into the checkpoint:
     #   def rank_state_dict(self) -> dict[str, Any]: ...
@@ -76,14 +94,22 @@ class TrainTask(Protocol):
 @dataclass
 class LoopResult:
     step: int
-    reason: str  # "max-steps", "max-minutes", "interrupted", "early-stop"
+    # "max-steps", "max-minutes", "interrupted" (Ctrl-C or SIGTERM), "early-stop", or "already-done": a
+    # resume with no steps left, which wrote nothing (its last_train / last_eval are the log's last records)
+    reason: str
     last_train: dict[str, float]
     last_eval: dict[str, float]
     outputs: list[Path]
+    stopped_by: signal.Signals | None = None  # the signal of an "interrupted" stop: SIGINT or SIGTERM
 
 
 class Interrupted(Exception):
-    """Raised by the CLI layer after a clean Ctrl-C stop, to exit with status 130."""
+    """Raised by the CLI layer after a clean stop on a signal; the process exits with 128 + the signal's
+    number, as a shell reports a process the signal killed: 130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.exit_status = 128 + int(signum if signum is not None else signal.SIGINT)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,6 +202,14 @@ def load_checkpoint(task: TrainTask, path: Path, proc: ProcessInfo | None = None
     return int(art.extra.get("world_size", len(ranks)))
 
 
+def seed_global_rng(seed: int) -> None:
+    """Seed torch's, Python's and NumPy's global generators: all three are saved in every checkpoint, so
+    an unseeded one would make two runs of the same settings write different checkpoints."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def _reseed_global_rng(base: torch.Tensor, rank: int) -> None:
     digest = hashlib.sha256(base.numpy().tobytes() + f"/rank{rank}".encode()).digest()
     seed = int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -198,14 +232,32 @@ class JsonlLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
+        text = self.path.read_text()
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in text.splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut off by a hard kill
-        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        truncated = "".join(k + "\n" for k in kept)
+        if truncated != text:  # an untouched log keeps its bytes and its mtime
+            atomic_write_text(self.path, truncated)
+
+    def last(self, split: str) -> dict[str, float]:
+        """The scalars of the last `split` record (without step, split and time); {} when there is none."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return {}
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("split") == split:
+                return {k: v for k, v in record.items() if k not in ("step", "split", "time")}
+        return {}
 
     def start_fresh(self) -> None:
         if self.enabled:
@@ -220,6 +272,113 @@ class JsonlLog:
 
 def _fmt(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The run lock, stale temporary files and stop signals
+
+
+def _run_folder(checkpoint_path: Path) -> Path:
+    return checkpoint_path.parent.parent if checkpoint_path.parent.name == "checkpoints" else checkpoint_path.parent
+
+
+def _take_run_lock(task: TrainTask, checkpoint_path: Path, proc: ProcessInfo,
+                   writes: list[Path]) -> RunLock | None:
+    """Rank 0 proves it can write `writes` and takes the run lock of `checkpoint_path`; every rank learns
+    whether it could, so that all of them stop together (a rank that raised alone would leave the others
+    waiting in their next collective), before any of them spends time training."""
+    lock, refusal = None, ""
+    if proc.is_main:
+        path = lock_path(checkpoint_path)
+        stage = path.stem if path.stem.startswith(task.stage) else task.stage  # e.g. train-prior-ar
+        try:
+            for target in writes:
+                check_writable(target)
+            lock = RunLock.acquire(path, f"{_run_folder(checkpoint_path)}: another {stage} is running on this run",
+                                   command_line())
+        except VqtoolError as exc:
+            refusal = str(exc)
+    if proc.distributed:
+        refusal = broadcast_object(refusal)
+    if refusal:
+        raise VqtoolError(refusal)
+    return lock
+
+
+# atomic_path writes `.{name}.XXXXXXXX.tmp` beside `name` (tempfile.mkstemp: prefix, 8 random characters
+# from [a-z0-9_], suffix); a writer killed before its rename leaves it behind.
+_TEMPORARY = r"[a-z0-9_]{8}\.tmp"
+
+
+def remove_stale_temporaries(paths: list[Path]) -> tuple[int, int]:
+    """Remove the temporary files that killed writers of `paths` left beside them; (files, bytes) removed.
+
+    Call it only under the run lock: that no trainer of this stage is alive is what makes them stale.
+    """
+    files = size = 0
+    for path in paths:
+        pattern = re.compile(re.escape(f".{path.name}.") + _TEMPORARY)
+        try:
+            entries = list(path.parent.iterdir())
+        except OSError:  # no such folder yet
+            continue
+        for entry in entries:
+            if not pattern.fullmatch(entry.name):
+                continue
+            try:
+                n = entry.stat().st_size
+                entry.unlink()
+            except OSError:
+                continue
+            files += 1
+            size += n
+    return files, size
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _start_under_lock(lock: RunLock, paths: list[Path]) -> None:
+    """Rank 0, having just taken the lock: say whose stale lock it took over, clear dead writers' temporaries."""
+    if lock.took_over is not None:
+        console.print(f"[dim]took over the lock of {lock.took_over.where()}, which is no longer running[/dim]",
+                      soft_wrap=True, highlight=False)
+    files, size = remove_stale_temporaries(paths)
+    if files:
+        console.print(f"[dim]removed {files} temporary file{'s' if files > 1 else ''} ({_size(size)}) that "
+                      "a killed run left unfinished[/dim]", soft_wrap=True, highlight=False)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[dict[signal.Signals, bool]]:
+    """While inside, Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current step; the dict
+    yielded says which arrived. A second Ctrl-C aborts at once. A repeated SIGTERM changes nothing: the
+    save is under way (torchrun forwards a scheduler's SIGTERM to workers that may have had it already)."""
+    received = {signal.SIGINT: False, signal.SIGTERM: False}
+
+    def on_sigint(signum, frame):
+        if any(received.values()):
+            raise KeyboardInterrupt
+        received[signal.SIGINT] = True
+
+    def on_sigterm(signum, frame):
+        received[signal.SIGTERM] = True
+
+    previous = {}
+    try:
+        for signum, handler in ((signal.SIGINT, on_sigint), (signal.SIGTERM, on_sigterm)):
+            previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # not in the main thread (e.g. inside a test runner's worker): signals act as before
+        pass
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,67 +398,120 @@ def run_loop(
     if settings.max_steps is None and settings.max_minutes is None:
         raise VqtoolError("give --max-steps or --max-minutes so the run has an end")
     log = JsonlLog(log_path, enabled=proc.is_main)
-    if resume:
-        saved_world = load_checkpoint(task, checkpoint_path, proc)
-        log.truncate_after(task.step)
-        if proc.is_main:
-            console.print(f"resumed {task.stage} from {checkpoint_path} at step {task.step}")
-            if saved_world != proc.world_size:
-                kept = min(saved_world, proc.world_size)
-                fresh = f", ranks {kept}-{proc.world_size - 1} start fresh ones" if proc.world_size > kept else ""
-                console.print(
-                    f"[yellow]note:[/yellow] the checkpoint was written by {saved_world} process(es), this run has "
-                    f"{proc.world_size}: ranks 0-{kept - 1} keep their own random streams{fresh}"
-                )
-    else:
-        if checkpoint_path.exists() and not overwrite:
-            raise VqtoolError(
-                f"{checkpoint_path} exists; pass --resume to continue it or --overwrite to start again"
-            )
-        log.start_fresh()
-
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, stop; second: abort
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-
+    outputs = [Path(p) for p in task.output_paths()] if hasattr(task, "output_paths") else []
+    lock = _take_run_lock(task, checkpoint_path, proc, [checkpoint_path, log_path, *outputs])
     try:
-        previous = signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not in the main thread (e.g. inside a test runner's worker)
-        previous = None
+        if lock is not None:
+            _start_under_lock(lock, [checkpoint_path, log_path, *outputs])
+        if resume:
+            saved_world = load_checkpoint(task, checkpoint_path, proc)
+            if _no_steps_left(task, settings):
+                return _already_done(task, settings, checkpoint_path, log, outputs, proc)
+            log.truncate_after(task.step)
+            if proc.is_main:
+                console.print(f"resumed {task.stage} from {checkpoint_path} at step {task.step}")
+                if saved_world != proc.world_size:
+                    kept = min(saved_world, proc.world_size)
+                    fresh = f", ranks {kept}-{proc.world_size - 1} start fresh ones" if proc.world_size > kept else ""
+                    console.print(
+                        f"[yellow]note:[/yellow] the checkpoint was written by {saved_world} process(es), this run "
+                        f"has {proc.world_size}: ranks 0-{kept - 1} keep their own random streams{fresh}"
+                    )
+        else:
+            if checkpoint_path.exists() and not overwrite:
+                raise VqtoolError(
+                    f"{checkpoint_path} exists; pass --resume to continue it or --overwrite to start again"
+                )
+            log.start_fresh()
+        return _train(task, settings, checkpoint_path, log, outputs, resume, proc)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _no_steps_left(task: TrainTask, settings: LoopSettings) -> bool:
+    reached = settings.max_steps is not None and task.step >= settings.max_steps
+    return reached or bool(getattr(task, "finished", False))
+
+
+def _already_done(task: TrainTask, settings: LoopSettings, checkpoint_path: Path, log: JsonlLog,
+                  outputs: list[Path], proc: ProcessInfo) -> LoopResult:
+    """A resume with no steps left writes nothing: a fresh export would give the output a new sha256 (its
+    metadata holds the command line) and cut it off from the latents or priors made from it, and another
+    final evaluation would add a second record to the log. Only a missing output is exported again."""
+    exported: list[Path] = []
+    if proc.is_main:
+        if settings.max_steps is not None and task.step >= settings.max_steps:
+            where = f"is at step {task.step} and max_steps is {settings.max_steps}"
+        else:
+            where = f"stopped early at step {task.step}"
+        console.print(f"{task.stage}: nothing to do, the run in {checkpoint_path} {where}; the checkpoint, the log "
+                      "and the outputs are left as they are", soft_wrap=True, highlight=False)
+        missing = [p for p in outputs if not p.exists()]
+        if missing:
+            exported = task.export()
+            console.print(f"exported {', '.join(map(str, missing))} again, which was missing", soft_wrap=True,
+                          highlight=False)
+    return LoopResult(task.step, "already-done", log.last("train"), log.last("val"), exported or outputs)
+
+
+def _non_finite_message(name: str, value: float, step: int, checkpoint_path: Path, saved_at: int | None,
+                        checkpoint_every: int, outputs: list[Path]) -> str:
+    head = f"{name} became {value} at step {step}; stopped without saving."
+    if saved_at is not None:
+        return (f"{head} The last good checkpoint is {checkpoint_path} (step {saved_at}): resume with --resume, "
+                "perhaps with a lower --lr")
+    # A fresh run that had not reached its first checkpoint: a resume would find nothing of it (or, after
+    # --overwrite, the previous run's checkpoint).
+    again = "start again with a lower --lr"
+    if any(p.exists() for p in (checkpoint_path, *outputs)):
+        again += " and --overwrite"
+    return (f"{head} This run had not saved a checkpoint yet (every {checkpoint_every} steps), so there is no "
+            f"checkpoint to resume from: {again}")
+
+
+def _train(task: TrainTask, settings: LoopSettings, checkpoint_path: Path, log: JsonlLog, outputs: list[Path],
+           resume: bool, proc: ProcessInfo) -> LoopResult:
+    saved_at = task.step if resume else None  # step of this run's latest checkpoint
 
     def checkpoint() -> None:
+        nonlocal saved_at
         # Every rank takes part in gathering the per-rank states; rank 0 alone writes.
         ranks = gather_states(rank_state(task)) if proc.distributed else None
         if proc.is_main:
             save_checkpoint(task, checkpoint_path, ranks)
+        saved_at = task.step
 
     start = time.monotonic()
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     reason = "max-steps"
-    total = settings.max_steps
-    try:
+    stopped_by: signal.Signals | None = None
+    with _stop_signals() as received:
         with progress() as bar:
-            job = bar.add_task(task.stage, total=total, completed=task.step, status="",
+            job = bar.add_task(task.stage, total=settings.max_steps, completed=task.step, status="",
                                visible=proc.is_main)
             while True:
                 if settings.max_steps is not None and task.step >= settings.max_steps:
                     reason = "max-steps"
                     break
-                # Decided together: a rank that stopped alone would leave the others waiting forever.
-                out_of_time, interrupted, finished = any_across_ranks([
+                # Decided together: a rank that stopped alone would leave the others waiting forever. A signal
+                # that reached one rank only (a scheduler's SIGTERM, say) stops every rank after the same step.
+                out_of_time, sigint, sigterm, finished = any_across_ranks([
                     settings.max_minutes is not None and time.monotonic() - start >= 60 * settings.max_minutes,
-                    stop["requested"],
+                    received[signal.SIGINT],
+                    received[signal.SIGTERM],
                     getattr(task, "finished", False),  # optional: the task decided to stop (early stopping)
                 ])
                 if out_of_time:
                     reason = "max-minutes"
                     break
-                if interrupted:
+                if sigint or sigterm:
                     reason = "interrupted"
+                    stopped_by = signal.SIGTERM if sigterm else signal.SIGINT
+                    if proc.is_main:
+                        console.print(f"{stopped_by.name}: stopping after step {task.step}, saving the checkpoint and "
+                                      "the outputs")
                     break
                 if finished:
                     reason = "early-stop"
@@ -308,10 +520,8 @@ def run_loop(
                 bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
                 if bad:
                     name, value = next(iter(bad.items()))
-                    raise VqtoolError(
-                        f"{name} became {value} at step {task.step}; stopped without saving. The last good "
-                        f"checkpoint is {checkpoint_path} (resume with --resume, perhaps with a lower lr)"
-                    )
+                    raise VqtoolError(_non_finite_message(name, value, task.step, checkpoint_path, saved_at,
+                                                          settings.checkpoint_every, outputs))
                 last_train = metrics
                 bar.update(job, completed=task.step, status=_fmt(metrics))
                 if task.step % settings.log_every == 0:
@@ -323,15 +533,13 @@ def run_loop(
                         console.print(f"step {task.step} val: {_fmt(last_eval)}")
                 if task.step % settings.checkpoint_every == 0:
                     checkpoint()
+        # Still under the signal handlers: a SIGTERM now must not kill the process halfway through the save.
         if reason != "interrupted" and (not last_eval or task.step % settings.eval_every != 0):
             last_eval = task.evaluate()
             log.write({"step": task.step, "split": "val", "time": time.time(), **last_eval})
         checkpoint()
-        outputs = task.export() if proc.is_main else []
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    return LoopResult(task.step, reason, last_train, last_eval, outputs)
+        exported = task.export() if proc.is_main else []
+    return LoopResult(task.step, reason, last_train, last_eval, exported, stopped_by)
 
 
 # --------------------------------------------------------------------------------------------------

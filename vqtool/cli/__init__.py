@@ -2,7 +2,8 @@
 
 Each stage family registers its commands from its own module; `stage_command` turns a VqtoolError
 or any OSError (a read-only folder, a full disk, a file in the way) into one red line and exit
-status 2, and a Ctrl-C into status 130, also while the modules are still being imported.
+status 2, a Ctrl-C into status 130 (also while the modules are still being imported), and a clean stop on
+SIGTERM into 143.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def stage_command(name: str, **kwargs) -> Callable:
                 raise typer.Exit(2) from None
             except Interrupted as exc:
                 console.print(f"[yellow]stopped:[/yellow] {_escape(str(exc))}", soft_wrap=True)
-                raise typer.Exit(130) from None
+                raise typer.Exit(exc.exit_status) from None
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted[/yellow]")
                 raise typer.Exit(130) from None

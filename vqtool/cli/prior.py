@@ -101,4 +101,4 @@ def train_prior_command(
     if process_info().is_main:  # one table per run, not one per torchrun process
         console.print(summary_table("train-prior", [(k, escape(str(v))) for k, v in rows]))
     if r.reason == "interrupted":
-        raise Interrupted(f"saved a checkpoint at step {r.steps}; continue with --resume")
+        raise Interrupted(f"saved a checkpoint at step {r.steps}; continue with --resume", r.stopped_by)

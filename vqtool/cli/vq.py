@@ -128,7 +128,7 @@ def train_vq_command(
     if process_info().is_main:  # one table per run, not one per torchrun process
         console.print(summary_table("train-vq", [(k, escape(str(v))) for k, v in rows]))
     if r.reason == "interrupted":
-        raise Interrupted(f"saved a checkpoint at step {r.step}; continue with --resume")
+        raise Interrupted(f"saved a checkpoint at step {r.step}; continue with --resume", r.stopped_by)
 
 
 @stage_command("encode")

@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ from vqtool.latents import Latents, load_latents
 from vqtool.prior.objectives import make_objective
 from vqtool.prior.store import PRIOR_KINDS, save_prior
 from vqtool.prior.transformer import Transformer, TransformerConfig
-from vqtool.training import EMA, LoopSettings, run_loop
+from vqtool.training import EMA, LoopSettings, run_loop, seed_global_rng
 
 STAGE = "train-prior"
 
@@ -326,7 +327,7 @@ class PriorTrainTask:
                                       "split has labels but the val split has none; re-encode the dataset")
                 self.val_labels = val.labels[:count]
 
-        torch.manual_seed(cfg.seed)  # weight init (and, later, dropout) use the global generator
+        seed_global_rng(cfg.seed)  # weight init (and, later, dropout) use the global generator
         self.model = Transformer(self.model_cfg).to(device)
         if init is not None and init.fresh:  # before the EMA and the evaluation copy are taken of the model
             load_prefixed_weights(self.model, load_artifact(init.path, "prior-model"), init.weights)
@@ -487,9 +488,19 @@ class PriorTrainTask:
             key["init"] = self.init.sha256
         return key
 
+    def output_paths(self) -> list[Path]:
+        return [self.out]
+
     def export(self) -> list[Path]:
-        if self.best_step is None or not self.out.exists():
+        if self.best_step is not None and self.best_step == self.step and not self.out.exists():
+            # The latest weights are the best ones: the very file the evaluation wrote (deleted since).
+            self._save_prior(selected="best-val")
+        elif self.best_step is None or not self.out.exists():
             # No validation split (or no evaluation yet): the latest weights are the prior.
+            if self.best_step is not None:
+                console.print(f"[yellow]note:[/yellow] {self.out} was missing: it now holds the latest weights (step "
+                              f"{self.step}); those of the best validation bound (step {self.best_step}) were in the "
+                              "missing file only", soft_wrap=True, highlight=False)
             self._save_prior(selected="last")
         return [self.out]
 
@@ -518,7 +529,7 @@ class PriorTrainTask:
 @dataclass
 class TrainPriorResult:
     steps: int
-    reason: str  # max-steps | max-minutes | interrupted | early-stop
+    reason: str  # max-steps | max-minutes | interrupted | early-stop | already-done (see vqtool.training.LoopResult)
     best_val_bpt: float | None
     best_val_bpd: float | None
     best_step: int | None
@@ -532,6 +543,7 @@ class TrainPriorResult:
     kind: str  # absorbing | autoregressive (an init prior's kind, when fine-tuning)
     init: Path | None = None  # the init artifact, when it was named
     init_sha256: str | None = None  # set for every run started from an init artifact
+    stopped_by: signal.Signals | None = None  # SIGINT or SIGTERM, for an interrupted run
 
 
 def stage_names(run_prior: Path, out: Path) -> str:
@@ -677,5 +689,5 @@ def train_prior(
                            if task.session_seconds > 0 else 0.0),
         params=sum(p.numel() for p in task.model.parameters()), prior=out, checkpoint=checkpoint,
         log=Path(log), kind=cfg.prior, init=start_from.path if start_from else None,
-        init_sha256=start_from.sha256 if start_from else None,
+        init_sha256=start_from.sha256 if start_from else None, stopped_by=result.stopped_by,
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from vqtool.errors import VqtoolError
 from vqtool.finetune import chosen_settings, find_init, start_weights
 from vqtool.grids import make_grid, save_png
 from vqtool.runs import RunPaths
-from vqtool.training import EMA, LoopResult, LoopSettings, run_loop
+from vqtool.training import EMA, LoopResult, LoopSettings, run_loop, seed_global_rng
 from vqtool.vq.diffaug import POLICIES, diff_augment
 from vqtool.vq.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from vqtool.vq.model import VQConfig, VQModel
@@ -170,6 +171,7 @@ class TrainVQResult:
     device: str
     init: Path | None = None  # the init artifact, when it was named
     init_sha256: str | None = None  # set for every run started from an init artifact
+    stopped_by: signal.Signals | None = None  # SIGINT or SIGTERM, for an interrupted run
 
     @property
     def steps_per_s(self) -> float:
@@ -245,7 +247,7 @@ class VQTrainer:
         self._batches = None
 
         # Same seed on every rank → identical initial weights without a broadcast.
-        torch.manual_seed(seed)
+        seed_global_rng(seed)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = VQModel(vq_cfg).to(self.device, memory_format=self.memory_format)
         self.disc = PatchDiscriminator(cfg.disc_ch, cfg.disc_layers).to(self.device, memory_format=self.memory_format)
@@ -485,6 +487,9 @@ class VQTrainer:
         self.last_eval_step = self.step
         return metrics
 
+    def output_paths(self) -> list[Path]:
+        return [self.output]
+
     def export(self) -> list[Path]:
         # Under DDP export runs on rank 0 alone, and evaluating takes every rank: the last evaluation's numbers.
         if self.last_eval_step != self.step and not self.proc.distributed:
@@ -697,4 +702,4 @@ def train_vq(
     return TrainVQResult(output=output, step=result.step, reason=result.reason, steps_this_session=done,
                          seconds=seconds, val=result.last_eval or task.last_eval, grid=task.last_grid,
                          device=str(dev), init=start_from.path if start_from else None,
-                         init_sha256=start_from.sha256 if start_from else None)
+                         init_sha256=start_from.sha256 if start_from else None, stopped_by=result.stopped_by)
