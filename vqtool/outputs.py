@@ -154,19 +154,32 @@ def _beside(out: Path, tag: str) -> Path:
 
 
 def tidy_after_killed_runs(out: Path, staging_tag: str = "tmp") -> None:
-    """Staging folders (`.NAME.<staging_tag>-PID`) of dead processes are removed. An `.old` folder of
-    a process killed in the middle of a swap holds the previous outputs: it goes back into place when
-    nothing replaced it."""
+    """Finish what processes killed in the middle of an output swap left behind (`swap_in`).
+
+    An `.old` folder holds the previous outputs: it goes back into place when nothing replaced it, and
+    when the new folder was already in place, the files it still holds that the new one lacks (the
+    user's, not yet carried over) move across before it is removed. Staging folders
+    (`.NAME.<staging_tag>-PID`) of dead processes are then removed: they never hold the user's files.
+    """
     name = Path(os.path.abspath(out)).name
-    for tag in (staging_tag, "old"):
+    for tag in ("old", staging_tag):
         for leftover in out.parent.glob(f".{glob.escape(name)}.{tag}-*"):
             pid = leftover.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
                 continue
             if tag == "old" and not out.exists():
                 os.replace(leftover, out)
-            else:
-                shutil.rmtree(leftover, ignore_errors=True)
+                continue
+            if tag == "old":
+                _carry_over(leftover, out, lambda _name: False)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _carry_over(old: Path, new: Path, produced: Callable[[str], bool]) -> None:
+    """Move every entry of `old` that the stage does not write (`produced`) and `new` lacks into `new`."""
+    for entry in sorted(old.iterdir()):
+        if not produced(entry.name) and not os.path.lexists(new / entry.name):
+            os.replace(entry, new / entry.name)
 
 
 def point_at_output(exc: OSError, staging: Path, out: Path) -> None:
@@ -182,27 +195,22 @@ def point_at_output(exc: OSError, staging: Path, out: Path) -> None:
 
 
 def swap_in(staging: Path, out: Path, produced: Callable[[str], bool]) -> None:
-    """Replace folder `out` by `staging`: rename the old one aside, carry over every entry of it that
-    `produced(name)` does not claim (files other stages or the user keep there), rename the new one
-    in, remove the old one. If a rename fails, everything goes back as it was."""
+    """Replace folder `out` by `staging`: rename the old one aside, rename the new one in, carry over
+    every entry of the old one that `produced(name)` does not claim (files other stages or the user keep
+    there), remove the old one. If the renames fail, everything goes back as it was; a process killed
+    in between leaves `.NAME.old-PID`, which `tidy_after_killed_runs` puts right at the next start."""
     if not out.exists():
         os.replace(staging, out)
         return
     old = _beside(out, "old")
     shutil.rmtree(old, ignore_errors=True)
     os.replace(out, old)
-    carried: list[str] = []
     try:
-        for entry in sorted(old.iterdir()):
-            if not produced(entry.name) and not os.path.lexists(staging / entry.name):
-                os.replace(entry, staging / entry.name)
-                carried.append(entry.name)
         os.replace(staging, out)
     except BaseException:
-        for name in carried:
-            os.replace(staging / name, old / name)
         os.replace(old, out)
         raise
+    _carry_over(old, out, produced)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -14,7 +14,6 @@ some other network filesystems ignore it.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -24,6 +23,11 @@ from datetime import datetime
 from pathlib import Path
 
 from vqtool.errors import VqtoolError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs go unlocked there (docs/reliability.md)
+    fcntl = None
 
 # How long a refused process waits for the holder to finish writing its JSON, to name it.
 _HOLDER_READ_SECONDS = 1.0
@@ -90,7 +94,8 @@ class RunLock:
         for _ in range(100):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _wait_for_holder(fd)
                 os.close(fd)

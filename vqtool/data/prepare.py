@@ -440,7 +440,7 @@ def _run(
             raise VqtoolError(f"{source}: no usable images ({len(skipped)} skipped, {ignored} ignored); "
                               "nothing written")
         n_val = _val_count(good, settings.val_fraction)
-        if settings.val_fraction > 0 and n_val == 0:
+        if settings.val_fraction > 0 and not 0 < n_val < good:  # one image cannot fill both splits
             raise VqtoolError(f"{source}: only {good} usable image of {len(candidates) + len(pre_skipped)} "
                               f"({len(skipped)} skipped, {ignored} ignored), but --val-fraction "
                               f"{settings.val_fraction} (val {val_capacity} of {len(candidates)}) needs at least "
