@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_train_prior import make_latents
 
 from vqtool import distributed as D
 from vqtool import statepack
 from vqtool.artifacts import load_artifact
 from vqtool.data.loader import ShardLoader
-from vqtool.latents import Latents, Split, save_latents
 from vqtool.prior.train import BatchSampler, TrainPriorConfig, train_prior
 from vqtool.runs import RunPaths
 from vqtool.vq.losses import PatchDiscriminator
@@ -45,20 +45,6 @@ def free_port() -> int:
 
 # --------------------------------------------------------------------------------------------------
 # Tiny problems, shared by the ranks and the references
-
-
-def make_latents(path: Path) -> Path:
-    g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        base = torch.randint(0, 16, (n, 1, 1), generator=g)
-        grids = (base + torch.arange(4)[None, :, None] + torch.arange(4)[None, None, :]) % 16
-        return Split(grids, torch.randint(0, 3, (n,), generator=g))
-
-    lat = Latents(splits={"train": split(40), "val": split(12)}, codebook_size=16, latent_shape=(4, 4),
-                  image_size=16, classes=["a", "b", "c"])
-    save_latents(path, lat, parents={"vq": "ab" * 32})
-    return path
 
 
 def prior_cfg(**kw) -> TrainPriorConfig:

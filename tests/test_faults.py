@@ -50,6 +50,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 from test_sampling import write_tiny_run
+from test_train_prior import make_latents
 from typer.testing import CliRunner
 
 from vqtool import distributed as D
@@ -58,7 +59,6 @@ from vqtool.cli import app
 from vqtool.data.manifest import read_manifest
 from vqtool.data.prepare import PrepareSettings, _split_order, prepare_images
 from vqtool.errors import VqtoolError
-from vqtool.latents import Latents, Split, save_latents
 from vqtool.outputs import check_writable, matcher, os_error_message, remove_created, staged_folder
 from vqtool.prior.train import PriorTrainTask, train_prior
 from vqtool.runlock import RunLock, lock_path
@@ -129,21 +129,6 @@ main()
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def make_latents(path: Path) -> Path:
-    """Diagonal-stripe grids of 16 codes on a 4×4 grid, 3 classes (as tests/test_train_prior.py)."""
-    g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        base = torch.randint(0, 16, (n, 1, 1), generator=g)
-        grids = (base + torch.arange(4)[None, :, None] + torch.arange(4)[None, None, :]) % 16
-        return Split(grids, torch.randint(0, 3, (n,), generator=g))
-
-    lat = Latents(splits={"train": split(40), "val": split(12)}, codebook_size=16, latent_shape=(4, 4),
-                  image_size=16, classes=["a", "b", "c"])
-    save_latents(path, lat, parents={"vq": "ab" * 32})
-    return path
 
 
 def new_run(folder: Path) -> Path:
@@ -1217,18 +1202,6 @@ def _assert_same(a: Path, b: Path) -> None:
     assert not different, f"{a.name}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def _latents(path: Path) -> None:
-    g = torch.Generator().manual_seed(0)
-
-    def grids(n: int) -> torch.Tensor:
-        base = torch.randint(0, 16, (n, 1, 1), generator=g)
-        return (base + torch.arange(4)[None, :, None] + torch.arange(4)[None, None, :]) % 16
-
-    lat = Latents(splits={"train": Split(grids(40), None), "val": Split(grids(12), None)}, codebook_size=16,
-                  latent_shape=(4, 4), image_size=16, classes=[])
-    save_latents(path, lat, parents={"vq": "ab" * 32})
-
-
 def test_training_survives_sigkill_at_random_moments(tiny_shards, tmp_path, capsys):
     rng = random.Random(20261201)
     survived, per_stage = 0, {}
@@ -1241,7 +1214,7 @@ def test_training_survives_sigkill_at_random_moments(tiny_shards, tmp_path, caps
             if stage == "train-vq":
                 shutil.copytree(tiny_shards, run / "shards")
             else:
-                _latents(run / "latents.safetensors")
+                make_latents(run / "latents.safetensors", labels=False)
             runs[name] = run
         per_stage[stage] = _train_with_kills(stage, runs["killed"], args, rng)
         survived += per_stage[stage]

@@ -118,6 +118,16 @@ def gpt_blocks(src: Source, dst: dict[str, torch.Tensor], head: str = "blocks") 
     return len(layers)
 
 
+def attention_resolutions(attention: list[bool], image_size: int, where: str) -> list[int]:
+    """Image sides (px) of the levels that have attention, for a model trained at `image_size`; each
+    level halves the side, so the size must divide by 2^(levels - 1)."""
+    levels = len(attention)
+    if image_size % 2 ** (levels - 1):
+        raise VqtoolError(f"{where}: image size {image_size} is not divisible by the downsampling "
+                          f"{2 ** (levels - 1)} of its {levels} levels")
+    return [image_size // 2**i for i, has in enumerate(attention) if has]
+
+
 def check_heads(n_embd: int, heads: int, where: str) -> None:
     if heads < 1 or n_embd % heads:
         raise VqtoolError(f"{where}: width {n_embd} is not divisible by {heads} attention heads; pass --heads")

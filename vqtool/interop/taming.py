@@ -20,7 +20,16 @@ from typing import Any
 import torch
 
 from vqtool.errors import VqtoolError
-from vqtool.interop.convert import Converted, Source, check_heads, discriminator, fuse_qkv, gpt_blocks, move
+from vqtool.interop.convert import (
+    Converted,
+    Source,
+    attention_resolutions,
+    check_heads,
+    discriminator,
+    fuse_qkv,
+    gpt_blocks,
+    move,
+)
 from vqtool.prior.transformer import TransformerConfig
 from vqtool.vq.model import VQConfig
 
@@ -172,11 +181,7 @@ def convert_vqmodel(state: dict, where: str, params: dict[str, Any] | None = Non
         inferred["image_size"] = f"{image_size} (no project YAML; set --config or --image-size)"
     else:
         inferred["image_size"] = f"{image_size} (from --image-size)"
-    n_levels = len(enc["channels"])
-    if image_size % 2 ** (n_levels - 1):
-        raise VqtoolError(f"{where}: image size {image_size} is not divisible by the downsampling "
-                          f"{2 ** (n_levels - 1)} of its {n_levels} levels")
-    attn_res = [image_size // 2**i for i, a in enumerate(enc["attention"]) if a]
+    attn_res = attention_resolutions(enc["attention"], image_size, where)
     cfg = VQConfig(resolution=image_size, ch=ch, ch_mult=[c // ch for c in enc["channels"]],
                    num_res_blocks=enc["blocks"], attn_resolutions=attn_res, z_channels=z_channels,
                    codebook_size=int(codes.shape[0]), code_dim=int(codes.shape[1]),

@@ -21,7 +21,16 @@ import math
 import torch
 
 from vqtool.errors import VqtoolError
-from vqtool.interop.convert import Converted, Source, check_heads, discriminator, fuse_qkv, gpt_blocks, move
+from vqtool.interop.convert import (
+    Converted,
+    Source,
+    attention_resolutions,
+    check_heads,
+    discriminator,
+    fuse_qkv,
+    gpt_blocks,
+    move,
+)
 from vqtool.prior.transformer import TransformerConfig
 from vqtool.vq.model import VQConfig
 
@@ -155,11 +164,7 @@ def convert_vqgan(state: dict, where: str, image_size: int | None = None) -> Con
         inferred["image_size"] = f"{image_size} (not in the file; the official default; set --image-size)"
     else:
         inferred["image_size"] = f"{image_size} (from --image-size; not in the file)"
-    n_levels = len(enc["channels"])
-    if image_size % 2 ** (n_levels - 1):
-        raise VqtoolError(f"{where}: --image-size {image_size} is not divisible by the downsampling "
-                          f"{2 ** (n_levels - 1)} of its {n_levels} levels")
-    attn_res = [image_size // 2**i for i, a in enumerate(enc["attention"]) if a]
+    attn_res = attention_resolutions(enc["attention"], image_size, where)
     inferred["attn_resolutions"] = f"{attn_res} (attention levels read off the block order, sized by image_size)"
     inferred["beta"] = "0.25 (commitment weight, training only; not in the file)"
     cfg = VQConfig(resolution=image_size, ch=ch, ch_mult=[c // ch for c in enc["channels"]],
