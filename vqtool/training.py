@@ -305,7 +305,7 @@ def _take_run_lock(task: TrainTask, checkpoint_path: Path, proc: ProcessInfo,
     return lock
 
 
-# atomic_path writes `.{name}.XXXXXXXX.tmp` beside `name` (tempfile.mkstemp: prefix, 8 random characters
+# atomic_path writes `.{name}.<8 characters>.tmp` beside `name` (tempfile.mkstemp: prefix, 8 random characters
 # from [a-z0-9_], suffix); a writer killed before its rename leaves it behind.
 _TEMPORARY = r"[a-z0-9_]{8}\.tmp"
 

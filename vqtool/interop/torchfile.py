@@ -365,7 +365,8 @@ class _Archive:
     def read_small(self, name: str) -> bytes:
         try:
             return self.zf.read(name)
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        # RuntimeError also covers zipfile's refusal of a compression method it does not know.
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError) as exc:
             raise _corrupt(self.path, f"{name}: {exc}") from exc
 
     def storage(self, key: str) -> torch.Tensor:
@@ -378,8 +379,7 @@ class _Archive:
                 raise _corrupt(self.path, f"its pickle uses storage {key} but the zip has no entry {name}") from None
             try:
                 buf = self._read_entry(info)
-            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError,
-                    NotImplementedError) as exc:
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError) as exc:
                 raise _corrupt(self.path, f"{name}: {exc}") from exc
             self._buffers[key] = buf
         return buf
