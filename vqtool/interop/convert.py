@@ -97,6 +97,20 @@ def fuse_qkv(src: Source, dst: dict[str, torch.Tensor], heads: tuple[str, str, s
         del parts
 
 
+def conv_attention(src: Source, dst: dict[str, torch.Tensor], s: str, d: str) -> None:
+    """The VQGANs' single-head attention block (norm, q, k, v, proj_out 1×1 convs) → vqtool's AttnBlock."""
+    move(src, dst, f"{s}.norm", f"{d}.norm")
+    fuse_qkv(src, dst, (f"{s}.q", f"{s}.k", f"{s}.v"), f"{d}.qkv")
+    move(src, dst, f"{s}.proj_out", f"{d}.proj")
+
+
+def set_codebook(dst: dict[str, torch.Tensor], codes: torch.Tensor) -> None:
+    """The codebook, with the usage statistics a freshly loaded quantizer starts from (uniform, initialised)."""
+    dst["quantizer.embedding"] = codes
+    dst["quantizer.usage"] = torch.full((codes.shape[0],), 1.0 / codes.shape[0])
+    dst["quantizer.initialized"] = torch.ones((), dtype=torch.uint8)
+
+
 def out_channels(src: Source, key: str) -> int:
     return int(src.peek(key).shape[0])
 

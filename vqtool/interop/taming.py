@@ -25,10 +25,11 @@ from vqtool.interop.convert import (
     Source,
     attention_resolutions,
     check_heads,
+    conv_attention,
     discriminator,
-    fuse_qkv,
     gpt_blocks,
     move,
+    set_codebook,
 )
 from vqtool.prior.transformer import TransformerConfig
 from vqtool.vq.model import VQConfig
@@ -93,15 +94,9 @@ def _resblock(src: Source, dst: dict, s: str, d: str) -> int:
     return int(dst[f"{d}.conv1.weight"].shape[0])
 
 
-def _attn(src: Source, dst: dict, s: str, d: str) -> None:
-    move(src, dst, f"{s}.norm", f"{d}.norm")
-    fuse_qkv(src, dst, (f"{s}.q", f"{s}.k", f"{s}.v"), f"{d}.qkv")
-    move(src, dst, f"{s}.proj_out", f"{d}.proj")
-
-
 def _mid(src: Source, dst: dict, s: str, d: str) -> None:
     _resblock(src, dst, f"{s}.mid.block_1", f"{d}.mid.block1")
-    _attn(src, dst, f"{s}.mid.attn_1", f"{d}.mid.attn")
+    conv_attention(src, dst, f"{s}.mid.attn_1", f"{d}.mid.attn")
     _resblock(src, dst, f"{s}.mid.block_2", f"{d}.mid.block2")
 
 
@@ -122,7 +117,7 @@ def _levels(src: Source, dst: dict, head: str, out: str, decoder: bool) -> dict:
         for j in n_blocks:
             c = _resblock(src, dst, f"{s}.block.{j}", f"{out}.levels.{slot}.blocks.{j}")
             if n_attn:
-                _attn(src, dst, f"{s}.attn.{j}", f"{out}.levels.{slot}.attns.{j}")
+                conv_attention(src, dst, f"{s}.attn.{j}", f"{out}.levels.{slot}.attns.{j}")
         channels.append(c)
         attention.append(bool(n_attn))
         blocks.add(len(n_blocks))
@@ -191,9 +186,7 @@ def convert_vqmodel(state: dict, where: str, params: dict[str, Any] | None = Non
         inferred["architecture"] = "read off the tensors (no project YAML given)"
     else:
         _check_against_yaml(cfg, params, dd, where)
-    dst["quantizer.embedding"] = codes
-    dst["quantizer.usage"] = torch.full((cfg.codebook_size,), 1.0 / cfg.codebook_size)
-    dst["quantizer.initialized"] = torch.ones((), dtype=torch.uint8)
+    set_codebook(dst, codes)
 
     dropped: dict[str, str] = {}
     disc, disc_cfg = discriminator(src, "loss.discriminator")

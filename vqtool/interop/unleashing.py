@@ -26,10 +26,11 @@ from vqtool.interop.convert import (
     Source,
     attention_resolutions,
     check_heads,
+    conv_attention,
     discriminator,
-    fuse_qkv,
     gpt_blocks,
     move,
+    set_codebook,
 )
 from vqtool.prior.transformer import TransformerConfig
 from vqtool.vq.model import VQConfig
@@ -91,12 +92,6 @@ def _resblock(src: Source, dst: dict, s: str, d: str) -> tuple[int, int]:
     return c_in, c_out
 
 
-def _attn(src: Source, dst: dict, s: str, d: str) -> None:
-    move(src, dst, f"{s}.norm", f"{d}.norm")
-    fuse_qkv(src, dst, (f"{s}.q", f"{s}.k", f"{s}.v"), f"{d}.qkv")
-    move(src, dst, f"{s}.proj_out", f"{d}.proj")
-
-
 def _network(src: Source, dst: dict, head: str, out: str, decoder: bool) -> dict:
     """Map one of the two block lists; returns what it shows of the architecture."""
     order = src.children(head)
@@ -118,7 +113,7 @@ def _network(src: Source, dst: dict, head: str, out: str, decoder: bool) -> dict
         for j, (n, attn) in enumerate(level):
             _, c_out = _resblock(src, dst, f"{head}.{n}", f"{out}.levels.{slot}.blocks.{j}")
             if attn:
-                _attn(src, dst, f"{head}.{n + 1}", f"{out}.levels.{slot}.attns.{j}")
+                conv_attention(src, dst, f"{head}.{n + 1}", f"{out}.levels.{slot}.attns.{j}")
         mults.append(c_out)
         attention.append(level[0][1])
         if any(attn != level[0][1] for _, attn in level):
@@ -130,7 +125,7 @@ def _network(src: Source, dst: dict, head: str, out: str, decoder: bool) -> dict
         move(src, dst, f"{head}.{n}.conv", f"{out}.{'ups' if decoder else 'downs'}.{k}.conv")
     m0, m1, m2 = mid
     _resblock(src, dst, f"{head}.{m0}", f"{out}.mid.block1")
-    _attn(src, dst, f"{head}.{m1}", f"{out}.mid.attn")
+    conv_attention(src, dst, f"{head}.{m1}", f"{out}.mid.attn")
     _resblock(src, dst, f"{head}.{m2}", f"{out}.mid.block2")
     move(src, dst, f"{head}.{order[-2]}", f"{out}.norm_out")
     move(src, dst, f"{head}.{order[-1]}", f"{out}.conv_out")
@@ -172,9 +167,7 @@ def convert_vqgan(state: dict, where: str, image_size: int | None = None) -> Con
                    codebook_size=int(codes.shape[0]), code_dim=emb_dim, cosine=False, kmeans_init=False,
                    restart_threshold=0.0, quant_convs=False, decoder_res_blocks=dec["blocks"],
                    swish_before_out=False)
-    dst["quantizer.embedding"] = codes
-    dst["quantizer.usage"] = torch.full((cfg.codebook_size,), 1.0 / cfg.codebook_size)
-    dst["quantizer.initialized"] = torch.ones((), dtype=torch.uint8)
+    set_codebook(dst, codes)
     dropped = {}
     if src.drop("ae.generator.logsigma"):
         dropped["ae.generator.logsigma"] = "the pixel-likelihood head fitted after training for the paper's ELBO"
