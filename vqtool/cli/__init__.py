@@ -3,7 +3,8 @@
 Each stage family registers its commands from its own module; `stage_command` turns a VqtoolError
 or any OSError (a read-only folder, a full disk, a file in the way) into one red line and exit
 status 2, a Ctrl-C into status 130 (also while the modules are still being imported), and a clean stop on
-SIGTERM into 143.
+SIGTERM into 143. Under a launcher (`--nproc-per-node`, torchrun) that red line, or the exception nothing
+handled, is also left in the rank's error file, for the launcher to report (vqtool.launch).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ try:
 
     from vqtool.console import console
     from vqtool.errors import VqtoolError
+    from vqtool.launch import record_crash, record_error
     from vqtool.outputs import os_error_message
     from vqtool.training import Interrupted
 except KeyboardInterrupt:
@@ -42,6 +44,7 @@ app = typer.Typer(
 
 def fail(message: str) -> None:
     console.print(f"[bold red]error:[/bold red] {_escape(message)}", soft_wrap=True, highlight=False)
+    record_error(message)
 
 
 def _escape(text: str) -> str:
@@ -60,7 +63,7 @@ def stage_command(name: str, **kwargs) -> Callable:
                 return fn(*args, **kw)
             except VqtoolError as exc:
                 fail(str(exc))
-                raise typer.Exit(2) from None
+                raise typer.Exit(getattr(exc, "exit_status", 2)) from None
             except Interrupted as exc:
                 console.print(f"[yellow]stopped:[/yellow] {_escape(str(exc))}", soft_wrap=True)
                 raise typer.Exit(exc.exit_status) from None
@@ -96,4 +99,7 @@ def main() -> None:
         code = app()
     except KeyboardInterrupt:  # while typer builds the command, before a stage's own handling
         _interrupted_at_startup()
+    except Exception as exc:
+        record_crash(exc)
+        raise
     sys.exit(code)

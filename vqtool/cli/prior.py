@@ -13,6 +13,7 @@ from vqtool.config import load_recipe, parse_overrides
 from vqtool.console import console, summary_table
 from vqtool.distributed import process_info
 from vqtool.finetune import init_row
+from vqtool.launch import launch_ranks
 from vqtool.runs import RunPaths
 from vqtool.training import Interrupted
 
@@ -28,6 +29,7 @@ def _overrides(items: list[str] | None) -> dict[str, Any]:
 
 @stage_command("train-prior")
 def train_prior_command(
+    ctx: typer.Context,
     run: Path = options.Run,
     prior: str = typer.Option(None, "--prior", help="absorbing (diffusion, default) or autoregressive."),
     latents: Path = typer.Option(None, "--latents", help="Latents to train on (default: RUN/latents.safetensors)."),
@@ -63,6 +65,7 @@ def train_prior_command(
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda (fp32 on CPU; mixed precision only on CUDA)."),
     seed: int = typer.Option(None, "--seed", help="Seed for weights, batches and masks (default 0)."),
     overwrite: bool = options.Overwrite,
+    nproc_per_node: int = options.NprocPerNode,
 ) -> None:
     """Train the transformer prior on RUN/latents.safetensors → RUN/prior.safetensors (best validation bound)."""
     from vqtool.prior.train import stage_names, train_prior
@@ -77,6 +80,8 @@ def train_prior_command(
     chosen: dict[str, Any] = {}
     for layer in (recipe.get("prior"), recipe.get("train_prior"), _overrides(set_), cli):
         chosen.update({k: v for k, v in (layer or {}).items() if v is not None})
+    if nproc_per_node != 1:
+        return launch_ranks(ctx, nproc_per_node, chosen.get("device", "auto"))
     paths = RunPaths.of(run)
     out = out or paths.prior
     stage = stage_names(paths.prior, out)

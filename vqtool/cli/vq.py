@@ -15,6 +15,7 @@ from vqtool.console import console, summary_table
 from vqtool.distributed import process_info
 from vqtool.errors import VqtoolError
 from vqtool.finetune import init_row
+from vqtool.launch import launch_ranks
 from vqtool.training import Interrupted
 from vqtool.vq.model import VQConfig
 from vqtool.vq.train import TrainVQConfig
@@ -70,6 +71,7 @@ def _rows(d: dict[str, Any] | None, fmt: str = "{:.4g}") -> str:
 
 @stage_command("train-vq")
 def train_vq_command(
+    ctx: typer.Context,
     run: Path = options.Run,
     config: Path = options.Config,
     set_: list[str] = options.Set,
@@ -98,6 +100,7 @@ def train_vq_command(
     threads: int = Threads,
     seed: int = options.Seed,
     overwrite: bool = options.Overwrite,
+    nproc_per_node: int = options.NprocPerNode,
 ) -> None:
     """Train the VQGAN codebook model on RUN/shards → RUN/vq.safetensors (EMA + raw weights, codebook stats)."""
     from vqtool.vq.train import train_vq
@@ -112,6 +115,8 @@ def train_vq_command(
     # The settings as chosen, not yet filled with defaults: with --init they are checked against the artifact.
     vq_chosen = _chosen(recipe.get("vq"), vq_set)
     train_chosen = _chosen(recipe.get("train_vq"), train_set, cli)
+    if nproc_per_node != 1:
+        return launch_ranks(ctx, nproc_per_node, device)
     r = train_vq(run, vq_chosen, train_chosen, seed=seed, device=device, resume=resume, overwrite=overwrite,
                  shards=shards, init=init)
     rows = [
