@@ -3,14 +3,14 @@
 In the test process: the ranks' command line rebuilt from the parsed options, the checks of N against the
 machine (GPUs mocked), which rank a failure report names, and the ranks' error files.
 
-Five real launches of 2 CPU processes (gloo), started together because each alone leaves the cores idle
+Five real launches of 2 CPU processes (gloo), run at the same time because each alone leaves the cores idle
 while its ranks wait for one another (`launches`):
 
-- A  `vqtool train-prior --nproc-per-node 2`, 3 steps, and B the same through torchrun: the same result;
 - C  `vqtool train-vq --nproc-per-node 2`, 3 steps: the same as one process with twice the batch;
-- D  train-prior with slow steps, Ctrl-C (SIGINT to the parent's process group, as a terminal sends it)
-     after the first step: every rank stops at the same step, the checkpoint is saved, and a resume with
-     `--nproc-per-node 2` ends where one process with twice the batch does;
+- D  `vqtool train-prior --nproc-per-node 2` with slow steps, Ctrl-C (SIGINT to the parent's process group,
+     as a terminal sends it) after the first step: every rank stops at the same step and saves;
+- F  D resumed with `--nproc-per-node 2`, 2 steps further, and B the same number of steps from scratch
+     through torchrun, both started when D ends: the same checkpoint, prior and log, bit for bit;
 - E  train-prior whose rank 1 raises at step 2: rank 0 is stopped too and the parent's error line names
      rank 1; the checkpoint of step 1 is left.
 
@@ -33,10 +33,8 @@ import torch
 import typer
 import yaml
 from test_distributed import (
-    TOL,
     TwoRankStream,
     assert_same_adam_training,
-    assert_same_tensors,
     checkpoint_state,
     free_port,
     tiny_vq,
@@ -152,7 +150,7 @@ def launches(tmp_path_factory, tiny_shards) -> dict:
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(RANK_HOOK)
     runs = {}
-    for name in "ABDE":
+    for name in "BDE":
         runs[name] = work / name
         runs[name].mkdir()
         make_latents(runs[name] / "latents.safetensors")
@@ -163,9 +161,6 @@ def launches(tmp_path_factory, tiny_shards) -> dict:
         (work / f"hook-{name}").mkdir()
 
     procs = {
-        "A": start(vqtool(*prior_args(runs["A"], 3), "--nproc-per-node", "2"), work, "A"),
-        "B": start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={free_port()}", "-m", "vqtool", "--", *prior_args(runs["B"], 3)], work, "B"),
         "C": start(vqtool("train-vq", "--run", str(runs["C"]), "--shards", str(tiny_shards), "--config", str(recipe),
                           "--batch-size", "2", "--seed", "1", "--device", "cpu", "--threads", "1",
                           "--nproc-per-node", "2"), work, "C"),
@@ -174,14 +169,28 @@ def launches(tmp_path_factory, tiny_shards) -> dict:
         "E": start(vqtool(*prior_args(runs["E"], 10, "--set", "checkpoint_every=1"), "--nproc-per-node", "2"), work,
                    "E", hook=str(hook), HOOK_DIR=str(work / "hook-E"), FAIL_RANK="1", FAIL_STEP="2"),
     }
+    stopped = None
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 900
         interrupted = False
         while any(p.poll() is None for p in procs.values()):
             if not interrupted and log_steps(RunPaths.of(runs["D"]).log("train-prior")):
                 os.killpg(procs["D"].pid, signal.SIGINT)  # Ctrl-C in a terminal: the foreground group
                 interrupted = True
-            assert time.monotonic() < deadline, "the launches did not end in 10 minutes"
+            if "F" not in procs and procs["D"].poll() is not None:
+                # F: D resumed with --nproc-per-node 2 and no slow steps, 2 steps further; B: torchrun from scratch
+                # to the same step. Both while C and E may still run.
+                d = RunPaths.of(runs["D"])
+                meta = read_metadata(d.checkpoint("train-prior")).extra
+                stopped = {"step": meta["step"], "world_size": meta["world_size"],
+                           "logged": log_steps(d.log("train-prior"))[-1], "prior": d.prior.exists(),
+                           "lock": lock_path(d.checkpoint("train-prior")).exists()}
+                resume = prior_args(runs["D"], stopped["step"] + 2, "--resume", "--nproc-per-node", "2")
+                procs["F"] = start(vqtool(*resume), work, "F")
+                procs["B"] = start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                    "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "vqtool", "--",
+                                    *prior_args(runs["B"], stopped["step"] + 2)], work, "B")
+            assert time.monotonic() < deadline, "the launches did not end in 15 minutes"
             time.sleep(0.05)
     finally:
         for p in procs.values():
@@ -189,7 +198,7 @@ def launches(tmp_path_factory, tiny_shards) -> dict:
                 os.killpg(p.pid, signal.SIGKILL)
     assert interrupted, procs["D"].stderr_path.read_text()[-3000:]
     return {"work": work, "runs": runs, "codes": {k: p.returncode for k, p in procs.items()},
-            "stderr": {k: p.stderr_path.read_text() for k, p in procs.items()}}
+            "stderr": {k: p.stderr_path.read_text() for k, p in procs.items()}, "stopped": stopped}
 
 
 def check_ok(launches: dict, name: str) -> None:
@@ -321,27 +330,6 @@ def test_a_rank_leaves_its_error_line_for_the_launcher(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_nproc_per_node_trains_what_torchrun_trains(launches):
-    check_ok(launches, "A")
-    check_ok(launches, "B")
-    a, b = (RunPaths.of(launches["runs"][k]) for k in "AB")
-    ours, extra = checkpoint_state(a.checkpoint("train-prior"))
-    theirs, _ = checkpoint_state(b.checkpoint("train-prior"))
-    assert (extra["world_size"], extra["step"]) == (2, 3)
-    assert_same_tensors(ours["task"]["model"], theirs["task"]["model"])
-    assert_same_tensors(ours["task"]["ema"]["shadow"], theirs["task"]["ema"]["shadow"])
-    assert load_artifact(a.prior).tensors.keys() == load_artifact(b.prior).tensors.keys()
-    for k, v in load_artifact(a.prior).tensors.items():
-        assert torch.equal(v, load_artifact(b.prior).tensors[k]), k
-    strip = lambda log: [{k: v for k, v in json.loads(x).items() if k != "time"} for x in log.read_text().splitlines()]
-    assert strip(a.log("train-prior")) == strip(b.log("train-prior"))
-    err = launches["stderr"]["A"]
-    assert f"train-prior: {launch.plan(2, 'cpu').describe()}; Ctrl-C stops them all" in err
-    assert err.count("throughput") == 1 and "error:" not in err  # one summary table, from rank 0
-    assert not lock_path(a.checkpoint("train-prior")).exists()
-
-
-@pytest.mark.slow
 def test_nproc_per_node_train_vq_equals_one_process_with_twice_the_batch(launches, tiny_shards, tmp_path, monkeypatch):
     check_ok(launches, "C")
     import vqtool.vq.train as vq_train
@@ -371,41 +359,42 @@ def test_nproc_per_node_train_vq_equals_one_process_with_twice_the_batch(launche
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_rank_saves_and_the_run_resumes(launches, tmp_path):
-    run = launches["runs"]["D"]
-    paths = RunPaths.of(run)
+def test_ctrl_c_stops_every_rank_at_the_same_step_and_saves(launches):
     err = launches["stderr"]["D"]
     assert launches["codes"]["D"] == 130, err[-3000:]
-    meta = read_metadata(paths.checkpoint("train-prior"))
-    step = meta.extra["step"]
-    assert meta.extra["world_size"] == 2 and step >= 1
-    assert log_steps(paths.log("train-prior"))[-1] == step  # nothing trained after the checkpoint
+    assert f"train-prior: {launch.plan(2, 'cpu').describe()}; Ctrl-C stops them all" in err
+    stopped = launches["stopped"]  # as D left it, before F resumed it
+    step = stopped["step"]
+    assert stopped["world_size"] == 2 and step >= 1
+    assert stopped["logged"] == step  # nothing trained after the checkpoint
     assert f"SIGINT: stopping after step {step}, saving" in err
     assert err.count(f"stopped: saved a checkpoint at step {step}; continue with --resume") == 2  # both ranks
     assert err.rstrip().splitlines()[-1] == "stopped: SIGINT passed on to the 2 processes; continue with --resume"
-    assert paths.prior.exists() and not lock_path(paths.checkpoint("train-prior")).exists()
+    assert stopped["prior"] and not stopped["lock"]  # the prior exported, the run lock released
     for pid in (int((launches["work"] / "hook-D" / f"rank{r}.pid").read_text()) for r in range(2)):
         assert not alive(pid)
 
-    # Resumed with --nproc-per-node 2 (no slow steps): the same model as one process × batch 8, uninterrupted.
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    resumed = subprocess.run(vqtool(*prior_args(run, step + 2), "--resume", "--nproc-per-node", "2"), cwd=ROOT,
-                             env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed train-prior from {paths.checkpoint('train-prior')} at step {step}" in " ".join(
-        resumed.stderr.split())
-    reference = tmp_path / "one"
-    reference.mkdir()
-    make_latents(reference / "latents.safetensors")
-    res = CliRunner().invoke(app, prior_args(reference, step + 2, batch_size=8))
-    assert res.exit_code == 0, res.output
-    got, extra = checkpoint_state(paths.checkpoint("train-prior"))
-    want, _ = checkpoint_state(RunPaths.of(reference).checkpoint("train-prior"))
-    assert (extra["world_size"], extra["step"]) == (2, step + 2)
-    assert_same_tensors(got["task"]["model"], want["task"]["model"])
-    losses = [r["loss"] for r in train_records(paths.log("train-prior"))]
-    assert losses == pytest.approx([r["loss"] for r in train_records(RunPaths.of(reference).log("train-prior"))],
-                                   rel=TOL["rtol"])
+
+@pytest.mark.slow
+def test_stopped_and_resumed_with_nproc_per_node_equals_torchrun_uninterrupted(launches):
+    """F (D resumed) and B (torchrun, from scratch): the same checkpoint, prior and log, bit for bit."""
+    check_ok(launches, "F")
+    check_ok(launches, "B")
+    step = launches["stopped"]["step"]
+    ours, theirs = RunPaths.of(launches["runs"]["D"]), RunPaths.of(launches["runs"]["B"])
+    resumed = launches["stderr"]["F"]
+    assert "resumed train-prior from" in resumed and f"at step {step}" in resumed
+    assert resumed.count("throughput") == 1 and "error:" not in resumed  # one summary table, from rank 0
+    got, want = load_artifact(ours.checkpoint("train-prior")), load_artifact(theirs.checkpoint("train-prior"))
+    assert (got.extra["world_size"], got.extra["step"]) == (2, step + 2)
+    assert got.extra["state"] == want.extra["state"]  # the checkpoint's structure and scalars
+    for a, b in ((got, want), (load_artifact(ours.prior), load_artifact(theirs.prior))):
+        assert a.tensors.keys() == b.tensors.keys()
+        for k in a.tensors:
+            assert torch.equal(a.tensors[k], b.tensors[k]), k
+    strip = lambda log: [{k: v for k, v in json.loads(x).items() if k != "time"} for x in log.read_text().splitlines()]
+    assert strip(ours.log("train-prior")) == strip(theirs.log("train-prior"))
+    assert not lock_path(ours.checkpoint("train-prior")).exists()
 
 
 @pytest.mark.slow
