@@ -40,6 +40,7 @@ from test_distributed import (
     tiny_vq,
     train_records,
 )
+from test_faults import log_records
 from test_train_prior import make_latents
 from typer.testing import CliRunner
 
@@ -120,16 +121,7 @@ def vqtool(*args: str) -> list[str]:
 
 
 def log_steps(log: Path) -> list[int]:
-    steps = []
-    if log.exists():
-        for line in log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line being written
-            if record.get("split") == "train":
-                steps.append(record["step"])
-    return steps
+    return [r["step"] for r in log_records(log)]
 
 
 def alive(pid: int) -> bool:
@@ -302,6 +294,53 @@ def test_the_report_names_the_rank_that_failed_first():
     # Every rank stopped cleanly on a signal (a SIGTERM sent to one rank): an interruption, not a failure.
     got = launch.first_failure({0: failure(143, seen=100), 1: failure(143, seen=100)}, 2)
     assert isinstance(got, Interrupted) and got.exit_status == 143
+
+
+def test_launch_turns_what_the_agent_raises_into_one_line_and_puts_back_the_parents_state(monkeypatch, tmp_path):
+    """The agent itself (torch.distributed.launcher.api.elastic_launch) replaced: what each outcome becomes."""
+    import torch.distributed.launcher.api as api
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from torch.distributed.elastic.rendezvous import RendezvousError
+
+    seen = {}
+    error_file = tmp_path / "error.json"
+    with monkeypatch.context() as m:
+        m.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        launch.record_error("RuntimeError: boom")
+
+    def agent(config, entrypoint):
+        def run(*args):
+            seen.update(config=config, command=[entrypoint, *args], threads=os.environ.get("OMP_NUM_THREADS"))
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # as the agent does: its own handlers
+            raise outcome
+
+        return run
+
+    monkeypatch.setattr(api, "elastic_launch", agent)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    handler = signal.getsignal(signal.SIGINT)
+    layout = launch.Layout(2, "cpu", 3)
+    outcome = SignalException("got SIGTERM", signal.SIGTERM)
+    with pytest.raises(Interrupted, match="^SIGTERM passed on to the 2 processes; continue with --resume$") as info:
+        launch.launch(["train-prior", "--run", "R"], layout)
+    assert info.value.exit_status == 143
+    assert seen["command"] == [sys.executable, "-m", "vqtool", "train-prior", "--run", "R"] and seen["threads"] == "3"
+    c = seen["config"]
+    assert (c.nproc_per_node, c.max_restarts, c.rdzv_backend, c.rdzv_endpoint) == (2, 0, "c10d", "127.0.0.1:0")
+    assert c.shutdown_timeout == launch.SHUTDOWN_SECONDS
+    assert signal.getsignal(signal.SIGINT) is handler and "OMP_NUM_THREADS" not in os.environ  # put back
+    crashed = ProcessFailure(local_rank=1, pid=1, exitcode=1, error_file=str(error_file))
+    outcome = ChildFailedError("python", {1: crashed})
+    with pytest.raises(launch.RanksFailed, match="^rank 1 of 2 failed: RuntimeError: boom$"):
+        launch.launch([], layout)
+    outcome = RendezvousError("the rendezvous timed out\nafter 900 s")
+    with pytest.raises(VqtoolError, match="^could not start 2 processes: the rendezvous timed out$"):
+        launch.launch([], layout)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with pytest.raises(VqtoolError):
+        launch.launch([], layout)
+    assert seen["threads"] == "1"  # the user's own setting is kept
 
 
 def test_a_rank_leaves_its_error_line_for_the_launcher(tmp_path, monkeypatch):

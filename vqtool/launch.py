@@ -154,6 +154,7 @@ def launch(args: list[str], layout: Layout) -> None:
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(layout.threads)}
@@ -169,7 +170,7 @@ def launch(args: list[str], layout: Layout) -> None:
         except SignalException as exc:
             raise Interrupted(f"{exc.sigval.name} passed on to the {layout.processes} processes; continue with "
                               "--resume", exc.sigval) from None
-        except (RuntimeError, ValueError, OSError) as exc:  # the rendezvous, or starting a process
+        except (RendezvousError, RuntimeError, ValueError, OSError) as exc:  # the rendezvous, or starting a process
             raise VqtoolError(f"could not start {layout.processes} processes: {_one_line(str(exc))}") from None
 
 
