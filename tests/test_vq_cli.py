@@ -5,8 +5,8 @@ import torch
 from typer.testing import CliRunner
 
 from vqtool.cli import app
-from vqtool.cli.vq import split_overrides
-from vqtool.config import merge
+from vqtool.cli.vq import train_vq_parts
+from vqtool.config import merge, split_sets
 from vqtool.errors import VqtoolError
 from vqtool.runs import RunPaths
 from vqtool.vq.train import TrainVQConfig
@@ -90,9 +90,10 @@ def test_help(command):
 
 
 def test_split_overrides_routes_keys():
-    vq, train = split_overrides(["ch=16", "vq.beta=0.5", "lr=1e-3", "train_vq.batch_size=8"])
+    sets = split_sets(["ch=16", "vq.beta=0.5", "lr=1e-3", "train_vq.batch_size=8"], train_vq_parts())
+    vq, train = sets["vq"], sets["train_vq"]
     assert vq == {"ch": 16, "beta": 0.5} and set(train) == {"lr", "batch_size"}
     cfg = merge(TrainVQConfig, train)
     assert cfg.lr == 1e-3 and cfg.batch_size == 8  # YAML reads 1e-3 as a string; the config takes it as a float
     with pytest.raises(VqtoolError, match="unknown setting"):
-        split_overrides(["vq.lr=1"])
+        split_sets(["vq.lr=1"], train_vq_parts())

@@ -28,7 +28,7 @@ def chosen_settings(cls: type, value: Any, where: str) -> tuple[Any, dict[str, A
         defaults, values = to_dict(cls()), to_dict(value)
         return copy.deepcopy(value), {k: getattr(value, k) for k in values if values[k] != defaults[k]}
     settings = merge(cls, value, where=where)
-    return settings, {k: getattr(settings, k) for k, v in value.items() if v is not None}
+    return settings, {k: getattr(settings, k) for k in value}
 
 
 def start_weights(path: Path, names: Iterable[str]) -> str:

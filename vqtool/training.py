@@ -51,11 +51,27 @@ from vqtool.runlock import RunLock, lock_path
 
 @dataclass
 class LoopSettings:
+    """When the shared loop stops, logs, validates and saves; both trainers' configs extend it, so a
+    recipe's train_vq / train_prior section keeps these keys flat."""
+
     max_steps: int | None = None
     max_minutes: float | None = None
     log_every: int = 50
     eval_every: int = 500
     checkpoint_every: int = 500
+
+    def check_loop(self, section: str, need_end: bool = True) -> None:
+        """Refuse a run without an end, or with a step count or period that cannot work, in one line."""
+        if need_end and self.max_steps is None and self.max_minutes is None:
+            raise VqtoolError(f"give --max-steps or --max-minutes (recipe: {section}.max_steps or "
+                              f"{section}.max_minutes) so the run has an end")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise VqtoolError(f"{section}.max_steps must not be negative (got {self.max_steps})")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise VqtoolError(f"{section}.max_minutes must be positive (got {self.max_minutes})")
+        for key in ("log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise VqtoolError(f"{section}.{key} must be at least 1 (got {getattr(self, key)})")
 
 
 class TrainTask(Protocol):
@@ -395,8 +411,7 @@ def run_loop(
     proc: ProcessInfo | None = None,
 ) -> LoopResult:
     proc = proc or process_info()
-    if settings.max_steps is None and settings.max_minutes is None:
-        raise VqtoolError("give --max-steps or --max-minutes so the run has an end")
+    settings.check_loop(task.stage.replace("-", "_"))
     log = JsonlLog(log_path, enabled=proc.is_main)
     outputs = [Path(p) for p in task.output_paths()] if hasattr(task, "output_paths") else []
     lock = _take_run_lock(task, checkpoint_path, proc, [checkpoint_path, log_path, *outputs])

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vqtool.cli import options, stage_command
-from vqtool.config import load_recipe, merge, parse_overrides
+from vqtool.config import Part, load_recipe, stage_settings
 from vqtool.console import console, summary_table
 from vqtool.data.describe import describe, human_bytes
 from vqtool.data.prepare import PrepareResult, PrepareSettings, prepare_images, prepare_synthetic
@@ -45,7 +45,8 @@ def prepare_command(
     inputs = {k: section.pop(k) for k in _INPUT_KEYS if k in section}
     cli = dict(size=size, crop=crop, background=background, val_fraction=val_fraction, shard_size=shard_size,
                labels=labels, max_side=max_side, workers=workers)
-    settings = merge(PrepareSettings, section, parse_overrides(set_), cli, where="prepare")
+    settings = stage_settings((Part(PrepareSettings, ("prepare",)),), {"prepare": section}, set_,
+                              {"prepare": cli})["prepare"]
     synthetic = synthetic or (None if src else inputs.get("synthetic"))
     src = src or (Path(inputs["source"]) if inputs.get("source") else None)
     target = out or RunPaths.of(run).shards

@@ -9,14 +9,9 @@ from rich.markdown import Markdown
 from rich.markup import escape
 
 from vqtool.cli import options, stage_command
-from vqtool.config import load_recipe, merge, parse_overrides
+from vqtool.config import Part, load_recipe, stage_settings
 from vqtool.console import console, summary_table
 
-_Steps = typer.Option(None, "--steps", help="Sampling on the fly: unmasking steps (default 50).")
-_Temperature = typer.Option(None, "--temperature", help="Sampling on the fly: softmax temperature (default 1.0).")
-_Schedule = typer.Option(None, "--schedule", help="Sampling on the fly: random | confidence.")
-_TopK = typer.Option(None, "--top-k", help="Sampling on the fly: draw among the k most likely codes.")
-_TopP = typer.Option(None, "--top-p", help="Sampling on the fly: nucleus mass.")
 _SampleBatch = typer.Option(None, "--sample-batch-size", help="Sampling on the fly: images drawn at once (16).")
 _Fake = typer.Option(None, "--fake", help="Generated images: a samples .safetensors (or its folder), a shards "
                                           "folder or an image folder (default: sample the run's prior).")
@@ -24,9 +19,13 @@ _Download = typer.Option(None, "--download/--no-download",
                          help="Fetch missing pretrained weights when online (default: yes).")
 _LpipsWeights = typer.Option(None, "--lpips-weights",
                              help="torchvision ImageNet weights of the LPIPS backbone (.pth or .safetensors).")
-_Vq = typer.Option(None, "--vq", help="VQ artifact (default: RUN/vq.safetensors).")
-_Prior = typer.Option(None, "--prior", help="Prior artifact (default: RUN/prior.safetensors).")
-_Shards = typer.Option(None, "--shards", help="Shards folder (default: RUN/shards).")
+
+
+def _parts(cls: type, section: str) -> tuple[Part, ...]:
+    """The stage's own settings, then the sampling settings used when it samples the prior on the fly."""
+    from vqtool.prior.sample import SampleSettings
+
+    return Part(cls, (section,)), Part(SampleSettings, ("sample",))
 
 
 @stage_command("eval")
@@ -62,15 +61,17 @@ def eval_command(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the real-feature cache."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Folder of the real-feature cache (default RUN/eval)."),
     name: str = typer.Option(None, "--name", help="Report name: RUN/eval/NAME.json (default report)."),
-    vq: Path = _Vq,
-    prior: Path = _Prior,
+    vq: Path = options.VQ,
+    prior: Path = options.Prior,
     latents: Path = typer.Option(None, "--latents", help="Latents artifact (default: RUN/latents.safetensors)."),
-    shards: Path = _Shards,
-    steps: int = _Steps,
-    temperature: float = _Temperature,
-    schedule: str = _Schedule,
-    top_k: int = _TopK,
-    top_p: float = _TopP,
+    shards: Path = options.Shards,
+    steps: int = options.Steps,
+    temperature: float = options.Temperature,
+    schedule: str = options.Schedule,
+    curve: str = options.Curve,
+    order: str = options.Order,
+    top_k: int = options.TopK,
+    top_p: float = options.TopP,
     sample_batch_size: int = _SampleBatch,
     seed: int = options.Seed,
     device: str = options.Device,
@@ -81,7 +82,6 @@ def eval_command(
     """Score a run: FID/KID/PRDC of generated vs real images, VQ reconstruction, prior NLL → RUN/eval/report.json."""
     from vqtool.eval.stage import EvalSettings, evaluate
 
-    recipe = load_recipe(config)
     cli = dict(metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, n=n,
                n_real=n_real, real=real, real_split=real_split, fake=fake, fake_split=fake_split, features=features,
                feature_weights=_str(feature_weights), feature_layer=feature_layer, download=download,
@@ -90,9 +90,10 @@ def eval_command(
                recon_n=recon_n, nll_n=nll_n, nll_samples=nll_samples, lpips_net=lpips_net,
                lpips_weights=_str(lpips_weights), cache=False if no_cache else None, cache_dir=_str(cache_dir),
                name=name, vq=_str(vq), prior=_str(prior), latents=_str(latents), shards=_str(shards))
-    settings = merge(EvalSettings, dict(recipe.get("eval") or {}), parse_overrides(set_), cli, where="eval")
-    sample = _sample(recipe, dict(steps=steps, temperature=temperature, schedule=schedule, top_k=top_k,
-                                  top_p=top_p, batch_size=sample_batch_size, seed=seed))
+    chosen = stage_settings(_parts(EvalSettings, "eval"), load_recipe(config), set_,
+                            {"eval": cli, "sample": _sampling(steps, temperature, schedule, curve, order, top_k, top_p,
+                                                              sample_batch_size, seed)})
+    settings, sample = chosen["eval"], chosen["sample"]
     result = evaluate(run, settings, sample, device=device, seed=seed, overwrite=overwrite)
     console.print(Markdown(result.markdown))
     rows = [("report", result.json_path), ("artifact", result.artifact_path)]
@@ -126,14 +127,16 @@ def neighbours_command(
     train: str = typer.Option(None, "--train", help="Training images: shards or image folder (default: RUN's)."),
     val: str = typer.Option(None, "--val", help="Held-out images: shards or image folder (default: RUN's val)."),
     name: str = typer.Option(None, "--name", help="Output name: RUN/eval/NAME.png/.json (default neighbours)."),
-    vq: Path = _Vq,
-    prior: Path = _Prior,
-    shards: Path = _Shards,
-    steps: int = _Steps,
-    temperature: float = _Temperature,
-    schedule: str = _Schedule,
-    top_k: int = _TopK,
-    top_p: float = _TopP,
+    vq: Path = options.VQ,
+    prior: Path = options.Prior,
+    shards: Path = options.Shards,
+    steps: int = options.Steps,
+    temperature: float = options.Temperature,
+    schedule: str = options.Schedule,
+    curve: str = options.Curve,
+    order: str = options.Order,
+    top_k: int = options.TopK,
+    top_p: float = options.TopP,
     sample_batch_size: int = _SampleBatch,
     seed: int = options.Seed,
     device: str = options.Device,
@@ -144,14 +147,13 @@ def neighbours_command(
     """Find each sample's nearest training images by LPIPS, draw them, and judge memorisation against val."""
     from vqtool.eval.stage import NeighbourSettings, neighbour_check
 
-    recipe = load_recipe(config)
     cli = dict(n=n, k=k, net=net, lpips_weights=_str(lpips_weights), download=download, candidates=candidates,
                thumb_size=thumb_size, n_val=n_val, percentile=percentile, alpha=alpha, batch_size=batch_size,
                fake=fake, train=train, val=val, name=name, vq=_str(vq), prior=_str(prior), shards=_str(shards))
-    settings = merge(NeighbourSettings, dict(recipe.get("neighbours") or {}), parse_overrides(set_), cli,
-                     where="neighbours")
-    sample = _sample(recipe, dict(steps=steps, temperature=temperature, schedule=schedule, top_k=top_k,
-                                  top_p=top_p, batch_size=sample_batch_size, seed=seed))
+    chosen = stage_settings(_parts(NeighbourSettings, "neighbours"), load_recipe(config), set_,
+                            {"neighbours": cli, "sample": _sampling(steps, temperature, schedule, curve, order, top_k,
+                                                                    top_p, sample_batch_size, seed)})
+    settings, sample = chosen["neighbours"], chosen["sample"]
     r = neighbour_check(run, settings, sample, device=device, overwrite=overwrite)
     colour = {"memorisation": "red", "possible copies": "yellow"}.get(r.report["verdict"], "green")
     console.print(f"[bold {colour}]{escape(r.report['message'])}[/bold {colour}]", soft_wrap=True)
@@ -166,10 +168,9 @@ def neighbours_command(
     console.print(summary_table("neighbours", [(key, escape(str(v))) for key, v in rows]))
 
 
-def _sample(recipe: dict, cli: dict):
-    from vqtool.prior.sample import SampleSettings
-
-    return merge(SampleSettings, dict(recipe.get("sample") or {}), cli, where="sample")
+def _sampling(steps, temperature, schedule, curve, order, top_k, top_p, batch_size, seed) -> dict:
+    return dict(steps=steps, temperature=temperature, schedule=schedule, curve=curve, order=order, top_k=top_k,
+                top_p=top_p, batch_size=batch_size, seed=seed)
 
 
 def _median_range(d) -> str:

@@ -16,3 +16,31 @@ Overwrite = typer.Option(False, "--overwrite", help="Replace existing outputs in
 NprocPerNode = typer.Option(
     1, "--nproc-per-node", help="Train with N processes on this machine: one per GPU, or CPU processes (gloo) "
     "without CUDA. Starts them itself (torchrun's launcher); for several nodes use torchrun.")
+
+# Sampling: `sample`, `inpaint`, `eval` and `neighbours` draw with the same settings (vqtool.prior.sample).
+Steps = typer.Option(None, "--steps", help="Unmasking steps over the whole grid (default 50; = tokens: one per step).")
+Temperature = typer.Option(None, "--temperature", help="Softmax temperature of every draw (default 1.0).")
+Schedule = typer.Option(None, "--schedule", help="Absorbing prior: random (the paper's, default) | confidence "
+                                                 "(MaskGIT).")
+Curve = typer.Option(None, "--curve", help="Confidence schedule: cosine (default) | arccos.")
+TopK = typer.Option(None, "--top-k", help="Draw only among the k most likely codes.")
+TopP = typer.Option(None, "--top-p", help="Draw only from the smallest set of codes with this probability mass.")
+Order = typer.Option(None, "--order", help="Random schedule: random (default) | raster unmasking order.")
+Quantize = typer.Option("none", "--quantize", help="none | int8 (dynamic int8 Linear layers; CPU only, faster).")
+Prior = typer.Option(None, "--prior", help="Prior artifact (default: RUN/prior.safetensors).")
+VQ = typer.Option(None, "--vq", help="VQ artifact the prior's latents came from (default: RUN/vq.safetensors).")
+Shards = typer.Option(None, "--shards", help="Shards folder (default: RUN/shards).")
+Threads = typer.Option(
+    None, "--threads", help="CPU threads for torch (default: torch's own). 1 is fastest on a busy shared machine.")
+
+
+def apply_threads(threads: int | None) -> None:
+    """--threads N: set torch's CPU threads (None or 0 keeps torch's default)."""
+    from vqtool.errors import VqtoolError
+
+    if threads is not None and threads < 0:
+        raise VqtoolError(f"--threads {threads}: must be 0 (default) or more")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

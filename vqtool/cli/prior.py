@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.markup import escape
 
 from vqtool.cli import options, stage_command
-from vqtool.config import load_recipe, parse_overrides
+from vqtool.config import Part, choose, load_recipe
 from vqtool.console import console, summary_table
 from vqtool.distributed import process_info
 from vqtool.finetune import init_row
@@ -18,13 +17,11 @@ from vqtool.runs import RunPaths
 from vqtool.training import Interrupted
 
 
-def _overrides(items: list[str] | None) -> dict[str, Any]:
-    # `--set prior.n_layer=4` and `--set train_prior.lr=1e-4` name the recipe section; bare keys work too.
-    out = {}
-    for key, value in parse_overrides(items).items():
-        section, _, bare = key.rpartition(".")
-        out[bare if section in ("prior", "train_prior") else key] = value
-    return out
+def train_prior_parts() -> tuple[Part, ...]:
+    """train-prior's settings: one config filled from the recipe's `prior` section, then `train_prior`."""
+    from vqtool.prior.train import TrainPriorConfig
+
+    return (Part(TrainPriorConfig, ("prior", "train_prior")),)
 
 
 @stage_command("train-prior")
@@ -54,7 +51,7 @@ def train_prior_command(
     dropout: float = typer.Option(None, "--dropout", help="Dropout rate."),
     eval_every: int = typer.Option(None, "--eval-every", help="Validation bound every N steps (best one is kept)."),
     patience: int = typer.Option(None, "--patience", help="Early stop after N evaluations without improvement."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (1 is often faster on a busy machine)."),
+    threads: int = options.Threads,
     compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of this prior."),
     init: Path = typer.Option(
@@ -70,16 +67,13 @@ def train_prior_command(
     """Train the transformer prior on RUN/latents.safetensors → RUN/prior.safetensors (best validation bound)."""
     from vqtool.prior.train import stage_names, train_prior
 
-    recipe = load_recipe(config)
     cli = dict(prior=prior, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
                grad_accum=grad_accum, lr=lr, loss=loss,
                mask_schedule=mask_schedule, timesteps=timesteps, n_layer=layers, n_embd=width, n_head=heads,
                dropout=dropout, eval_every=eval_every, patience=patience, threads=threads, compile=compile_,
                device=device, seed=seed)
     # The settings as chosen, not yet filled with defaults: with --init they are checked against the artifact.
-    chosen: dict[str, Any] = {}
-    for layer in (recipe.get("prior"), recipe.get("train_prior"), _overrides(set_), cli):
-        chosen.update({k: v for k, v in (layer or {}).items() if v is not None})
+    chosen = choose(train_prior_parts(), load_recipe(config), set_, {"train_prior": cli})["train_prior"]
     if nproc_per_node != 1:
         return launch_ranks(ctx, nproc_per_node, chosen.get("device", "auto"))
     paths = RunPaths.of(run)

@@ -8,54 +8,43 @@ import typer
 from rich.markup import escape
 
 from vqtool.cli import options, stage_command
-from vqtool.config import load_recipe, merge, parse_overrides
+from vqtool.config import Part, load_recipe, stage_settings
 from vqtool.console import CallbackBar, console, summary_table
 from vqtool.runs import RunPaths
 
-_Steps = typer.Option(None, "--steps", help="Unmasking steps over the whole grid (default 50; = tokens: one per step).")
-_Temperature = typer.Option(None, "--temperature", help="Softmax temperature of every draw (default 1.0).")
-_Schedule = typer.Option(None, "--schedule", help="random (the paper's) | confidence (MaskGIT).")
-_Curve = typer.Option(None, "--curve", help="confidence schedule: cosine (default) | arccos.")
-_TopK = typer.Option(None, "--top-k", help="Draw only among the k most likely codes.")
-_TopP = typer.Option(None, "--top-p", help="Draw only from the smallest set of codes with this probability mass.")
-_Order = typer.Option(None, "--order", help="random schedule: random (default) | raster unmasking order.")
 _Stride = typer.Option(None, "--stride", help="--shape larger than training: spacing of the windows (default 1).")
 _BatchSize = typer.Option(None, "--batch-size", help="Images drawn at once (default 16).")
 _Class = typer.Option(None, "--class", help="Class index or name for a class-conditional prior "
                                           "(default: classes cycled).")
-_Prior = typer.Option(None, "--prior", help="Prior artifact (default: RUN/prior.safetensors).")
-_Vq = typer.Option(None, "--vq", help="VQ artifact the prior's latents came from (default: RUN/vq.safetensors).")
-_Quantize = typer.Option("none", "--quantize", help="none | int8 (dynamic int8 Linear layers; CPU only, faster).")
 
 
 def _settings(config: Path | None, set_: list[str] | None, sections: tuple[str, ...], cli: dict):
     from vqtool.prior.sample import SampleSettings
 
-    recipe = load_recipe(config)
-    layers = [dict(recipe.get(s) or {}) for s in sections]
-    return merge(SampleSettings, *layers, parse_overrides(set_), cli, where=sections[-1])
+    part = Part(SampleSettings, sections)
+    return stage_settings((part,), load_recipe(config), set_, {part.name: cli})[part.name]
 
 
 @stage_command("sample")
 def sample_command(
     run: Path = options.Run,
     n: int = typer.Option(64, "--n", help="Number of images to draw."),
-    steps: int = _Steps,
-    temperature: float = _Temperature,
-    schedule: str = _Schedule,
-    curve: str = _Curve,
-    top_k: int = _TopK,
-    top_p: float = _TopP,
+    steps: int = options.Steps,
+    temperature: float = options.Temperature,
+    schedule: str = options.Schedule,
+    curve: str = options.Curve,
+    top_k: int = options.TopK,
+    top_p: float = options.TopP,
     shape: tuple[int, int] = typer.Option(None, "--shape", help="Token grid H W, larger than the training grid "
                                                                 "(absorbing: window mixture; AR: sliding window)."),
     stride: int = _Stride,
-    order: str = _Order,
+    order: str = options.Order,
     batch_size: int = _BatchSize,
     class_: str = _Class,
     no_cache: bool = typer.Option(False, "--no-cache", help="Autoregressive prior: recompute instead of KV cache."),
-    quantize: str = _Quantize,
-    prior: Path = _Prior,
-    vq: Path = _Vq,
+    quantize: str = options.Quantize,
+    prior: Path = options.Prior,
+    vq: Path = options.VQ,
     out: Path = typer.Option(None, "--out", help="Output folder (default: RUN/samples)."),
     seed: int = options.Seed,
     device: str = options.Device,
@@ -101,18 +90,18 @@ def inpaint_command(
     box: str = typer.Option(None, "--box", help="Region to regenerate: x0,y0,x1,y1 in IMAGE pixels (x1, y1 excluded)."),
     n: int = typer.Option(8, "--n", help="Number of completions."),
     keep_pixels: bool = typer.Option(False, "--keep-pixels", help="Paste IMAGE's pixels back outside the mask."),
-    steps: int = _Steps,
-    temperature: float = _Temperature,
-    schedule: str = _Schedule,
-    curve: str = _Curve,
-    top_k: int = _TopK,
-    top_p: float = _TopP,
-    order: str = _Order,
+    steps: int = options.Steps,
+    temperature: float = options.Temperature,
+    schedule: str = options.Schedule,
+    curve: str = options.Curve,
+    top_k: int = options.TopK,
+    top_p: float = options.TopP,
+    order: str = options.Order,
     batch_size: int = _BatchSize,
     class_: str = _Class,
-    quantize: str = _Quantize,
-    prior: Path = _Prior,
-    vq: Path = _Vq,
+    quantize: str = options.Quantize,
+    prior: Path = options.Prior,
+    vq: Path = options.VQ,
     out: Path = typer.Option(None, "--out", help="Output folder (default: RUN/inpaint)."),
     seed: int = options.Seed,
     device: str = options.Device,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -10,57 +9,23 @@ import typer
 from rich.markup import escape
 
 from vqtool.cli import options, stage_command
-from vqtool.config import load_recipe, parse_overrides
+from vqtool.config import Part, choose, load_recipe
 from vqtool.console import console, summary_table
 from vqtool.distributed import process_info
-from vqtool.errors import VqtoolError
 from vqtool.finetune import init_row
 from vqtool.launch import launch_ranks
 from vqtool.training import Interrupted
-from vqtool.vq.model import VQConfig
-from vqtool.vq.train import TrainVQConfig
 
-Threads = typer.Option(
-    0, "--threads", help="CPU threads for torch (0 = torch's default). 1 is fastest on a busy shared machine.")
 Weights = typer.Option("ema", "--weights", help="Which weights of vq.safetensors to use: ema or model (raw).")
 VQPath = typer.Option(None, "--vq", help="VQ model to use (default: RUN/vq.safetensors).")
 
 
-def split_overrides(items: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`--set` items → (vq overrides, train_vq overrides). Keys may be prefixed `vq.` or `train_vq.`;
-    bare keys go to whichever section has that setting."""
-    vq_keys = {f.name for f in dataclasses.fields(VQConfig)}
-    train_keys = {f.name for f in dataclasses.fields(TrainVQConfig)}
-    vq, train = {}, {}
-    for key, value in parse_overrides(items).items():
-        section, _, bare = key.rpartition(".")
-        if section in ("", "vq") and bare in vq_keys:
-            vq[bare] = value
-        elif section in ("", "train_vq") and bare in train_keys:
-            train[bare] = value
-        else:
-            raise VqtoolError(
-                f"--set {key}: unknown setting; vq settings: {', '.join(sorted(vq_keys))}; "
-                f"train_vq settings: {', '.join(sorted(train_keys))}"
-            )
-    return vq, train
+def train_vq_parts() -> tuple[Part, ...]:
+    """train-vq's settings: the model from the recipe's `vq` section, the training from `train_vq`."""
+    from vqtool.vq.model import VQConfig
+    from vqtool.vq.train import TrainVQConfig
 
-
-def _set_threads(threads: int) -> None:
-    if threads < 0:
-        raise VqtoolError(f"--threads {threads}: must be 0 (default) or more")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def _chosen(*layers: dict[str, Any] | None) -> dict[str, Any]:
-    """Recipe section, --set values and options merged in that order, leaving out what was not given."""
-    chosen: dict[str, Any] = {}
-    for layer in layers:
-        chosen.update({k: v for k, v in (layer or {}).items() if v is not None})
-    return chosen
+    return Part(VQConfig, ("vq",)), Part(TrainVQConfig, ("train_vq",))
 
 
 def _rows(d: dict[str, Any] | None, fmt: str = "{:.4g}") -> str:
@@ -97,7 +62,7 @@ def train_vq_command(
         "discriminator when it has one, and its model settings. Only beta, dropout, kmeans_init, "
         "restart_threshold and usage_decay may differ. --resume continues such a run without it."),
     device: str = options.Device,
-    threads: int = Threads,
+    threads: int = options.Threads,
     seed: int = options.Seed,
     overwrite: bool = options.Overwrite,
     nproc_per_node: int = options.NprocPerNode,
@@ -105,19 +70,16 @@ def train_vq_command(
     """Train the VQGAN codebook model on RUN/shards → RUN/vq.safetensors (EMA + raw weights, codebook stats)."""
     from vqtool.vq.train import train_vq
 
-    _set_threads(threads)
-    recipe = load_recipe(config)
-    vq_set, train_set = split_overrides(set_)
+    options.apply_threads(threads)
     cli = dict(max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                perceptual=perceptual,
                perceptual_weights=str(perceptual_weights) if perceptual_weights else None, disc_start=disc_start,
                disc_weight_max=disc_weight_max, eval_every=eval_every)
     # The settings as chosen, not yet filled with defaults: with --init they are checked against the artifact.
-    vq_chosen = _chosen(recipe.get("vq"), vq_set)
-    train_chosen = _chosen(recipe.get("train_vq"), train_set, cli)
+    chosen = choose(train_vq_parts(), load_recipe(config), set_, {"train_vq": cli})
     if nproc_per_node != 1:
         return launch_ranks(ctx, nproc_per_node, device)
-    r = train_vq(run, vq_chosen, train_chosen, seed=seed, device=device, resume=resume, overwrite=overwrite,
+    r = train_vq(run, chosen["vq"], chosen["train_vq"], seed=seed, device=device, resume=resume, overwrite=overwrite,
                  shards=shards, init=init)
     rows = [
         ("output", r.output),
@@ -145,13 +107,13 @@ def encode_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     weights: str = Weights,
     device: str = options.Device,
-    threads: int = Threads,
+    threads: int = options.Threads,
     overwrite: bool = options.Overwrite,
 ) -> None:
     """Encode the train and val shards into token grids → RUN/latents.safetensors (parents: vq, dataset)."""
     from vqtool.vq.encode import encode_dataset
 
-    _set_threads(threads)
+    options.apply_threads(threads)
     r = encode_dataset(run, vq, shards, out, batch_size=batch_size, device=device, overwrite=overwrite,
                        weights=weights)
     rows = [
@@ -176,12 +138,12 @@ def reconstruct_command(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     weights: str = Weights,
     device: str = options.Device,
-    threads: int = Threads,
+    threads: int = options.Threads,
 ) -> None:
     """Images → centre-crop to the VQ's size → encode → decode → one PNG each + comparison.png."""
     from vqtool.vq.encode import reconstruct_images
 
-    _set_threads(threads)
+    options.apply_threads(threads)
     r = reconstruct_images(run, images, vq, out, batch_size=batch_size, device=device, weights=weights)
     rows = [("images", r.count), ("output", r.out_dir), ("comparison", r.grid), ("mean PSNR", f"{r.psnr:.2f} dB")]
     console.print(summary_table("reconstruct", [(k, escape(str(v))) for k, v in rows]))
@@ -199,12 +161,12 @@ def decode_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Grids per forward pass."),
     weights: str = Weights,
     device: str = options.Device,
-    threads: int = Threads,
+    threads: int = options.Threads,
 ) -> None:
     """Token grids (latents or samples artifact) → PNG images and grid.png, checking they were made by this VQ."""
     from vqtool.vq.encode import decode_artifact
 
-    _set_threads(threads)
+    options.apply_threads(threads)
     r = decode_artifact(run, source, vq, out, split=split, limit=limit, batch_size=batch_size, device=device,
                         weights=weights)
     rows = [("source", f"{r.source} ({r.kind})"), ("images", len(r.files)), ("output", r.out_dir), ("grid", r.grid)]

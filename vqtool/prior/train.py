@@ -65,7 +65,7 @@ STAGE = "train-prior"
 
 
 @dataclass
-class TrainPriorConfig:
+class TrainPriorConfig(LoopSettings):
     prior: str = "absorbing"  # absorbing | autoregressive
     # model
     n_layer: int = 8
@@ -91,12 +91,7 @@ class TrainPriorConfig:
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float | None = 1.0
     ema_decay: float = 0.999
-    # run
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    log_every: int = 50
-    eval_every: int = 500
-    checkpoint_every: int = 500
+    # run (max_steps, max_minutes and the log / eval / checkpoint periods come from LoopSettings)
     val_batches: int = 8  # validation images: val_batches × global batch (or the whole val split)
     val_nll_samples: int = 8  # t draws per val image for the validation bound (absorbing)
     patience: int | None = None  # stop after this many evaluations without a better val bound
@@ -122,7 +117,6 @@ def check_config(cfg: TrainPriorConfig) -> None:
             raise VqtoolError(f"{', '.join(changed)}: absorbing-prior settings; drop them with --prior autoregressive")
     positive = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "batch_size": cfg.batch_size,
                 "grad_accum": cfg.grad_accum,
-                "log_every": cfg.log_every, "eval_every": cfg.eval_every, "checkpoint_every": cfg.checkpoint_every,
                 "val_batches": cfg.val_batches, "val_nll_samples": cfg.val_nll_samples}
     for name, value in positive.items():
         if value < 1:
@@ -143,10 +137,7 @@ def check_config(cfg: TrainPriorConfig) -> None:
         raise VqtoolError(f"ema_decay must lie in [0, 1) (got {cfg.ema_decay})")
     if cfg.grad_clip is not None and cfg.grad_clip < 0:
         raise VqtoolError(f"grad_clip must be positive or null (got {cfg.grad_clip})")
-    if cfg.max_steps is None and cfg.max_minutes is None:
-        raise VqtoolError("give --max-steps or --max-minutes so the run has an end")
-    if cfg.max_steps is not None and cfg.max_steps < 0:
-        raise VqtoolError(f"--max-steps must not be negative (got {cfg.max_steps})")
+    cfg.check_loop("train_prior")
     if cfg.cosine_decay and (cfg.decay_steps or cfg.max_steps) is None:
         raise VqtoolError("cosine_decay needs a horizon: set decay_steps or --max-steps")
     if cfg.patience is not None and cfg.patience < 1:
@@ -673,10 +664,8 @@ def train_prior(
         if task.val_tokens is None and proc.is_main:
             console.print(f"[yellow]warning:[/yellow] {latents_path} has no val split: no validation bound, "
                           "the prior will be the last weights")
-        settings = LoopSettings(max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, log_every=cfg.log_every,
-                                eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
         start = time.monotonic()
-        result = run_loop(task, settings, checkpoint, Path(log), resume=resume, overwrite=overwrite, proc=proc)
+        result = run_loop(task, cfg, checkpoint, Path(log), resume=resume, overwrite=overwrite, proc=proc)
         seconds = time.monotonic() - start
     bpd = None
     if task.best_bpt is not None and task.image_size:

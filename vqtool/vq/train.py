@@ -79,7 +79,7 @@ DISC_SHAPE = ("disc_ch", "disc_layers")
 
 
 @dataclass
-class TrainVQConfig:
+class TrainVQConfig(LoopSettings):
     batch_size: int = 32  # per process and micro-batch: a step sees batch_size × grad_accum × processes images
     grad_accum: int = 1  # micro-batches whose gradients add up to one optimisation step
     lr: float = 2e-4
@@ -102,11 +102,6 @@ class TrainVQConfig:
     num_workers: int = 0
     amp: bool = True  # mixed precision on CUDA only; CPU always runs fp32
     channels_last: bool = True  # NHWC activations: ~1.7x faster convolutions on CPU (oneDNN)
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    log_every: int = 50
-    eval_every: int = 500
-    checkpoint_every: int = 500
     eval_images: int = 1000  # validation images per evaluation (0 = the whole split)
     grid_images: int = 8
 
@@ -135,9 +130,7 @@ class TrainVQConfig:
             raise bad("disc_weight_max", "must be 0 or more")
         if self.kmeans_batches < 1:
             raise bad("kmeans_batches", "must be at least 1")
-        for key in ("log_every", "eval_every", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                raise bad(key, "must be at least 1")
+        self.check_loop("train_vq", need_end=False)  # train_vq() asks for the end before loading anything
 
 
 @dataclass
@@ -675,8 +668,7 @@ def train_vq(
     paths = RunPaths.of(run)
     vq_cfg, vq_given = chosen_settings(VQConfig, vq_cfg, "vq")
     cfg, train_given = chosen_settings(TrainVQConfig, cfg, "train_vq")
-    if cfg.max_steps is None and cfg.max_minutes is None:
-        raise VqtoolError("give --max-steps or --max-minutes (or set train_vq.max_steps in the recipe)")
+    cfg.check_loop("train_vq")
     shards = Path(shards) if shards else paths.shards
     output = Path(output) if output else paths.vq
     checkpoint = paths.checkpoint(STAGE)
@@ -692,10 +684,8 @@ def train_vq(
     with distributed_session(dev, process_info()) as proc:
         task = VQTrainer(vq_cfg, cfg, shards, output, paths.figures(STAGE), seed=seed, device=dev, proc=proc,
                          init=start_from)
-        settings = LoopSettings(max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, log_every=cfg.log_every,
-                                eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
         start = time.monotonic()
-        result: LoopResult = run_loop(task, settings, checkpoint, paths.log(STAGE), resume=resume,
+        result: LoopResult = run_loop(task, cfg, checkpoint, paths.log(STAGE), resume=resume,
                                       overwrite=overwrite, proc=proc)
         seconds = time.monotonic() - start
     done = result.step - (task.session_start_step if task.session_start_step is not None else result.step)
