@@ -410,7 +410,8 @@ class PriorTrainTask:
         # backward passes: none is left waiting in DDP's gradient all-reduce).
         loss_value, bpt_value = (all_reduce_mean(sums) / accum).tolist()
         if not math.isfinite(loss_value):
-            return {"loss": loss_value, "bpt": bpt_value}  # the loop stops the run before anything is saved
+            self.step += 1  # the step that failed, as the loop's message names it; nothing is saved after it
+            return {"loss": loss_value, "bpt": bpt_value}
         out: dict[str, torch.Tensor | float] = {"loss": loss_value, "bpt": bpt_value, "lr": lr}
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -686,14 +687,14 @@ def train_prior(
                               "(--out) so the init artifact stays")
         cfg = fine_tune_settings(start_from, cfg, given)
     check_config(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     if not latents_path.exists():
         raise VqtoolError(f"{latents_path}: no latents here; run `vqtool encode` first (or pass --latents)")
     if out.exists() and not resume and not overwrite:
         raise VqtoolError(f"{out} exists; pass --resume to continue its run or --overwrite to start again")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     latents = load_latents(latents_path)
     if start_from is not None:
         check_latents_fit(start_from, latents, latents_path)
