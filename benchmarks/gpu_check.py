@@ -288,6 +288,10 @@ def check_several(check: Check, work: Path, run: Path, device: str) -> None:
 # 4. Throughput against a bf16 matmul
 
 
+def flops(tflops: float) -> str:
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{1000 * tflops:.1f} GFLOP/s"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -336,14 +340,14 @@ def check_throughput(check: Check, device: torch.device, precision: str, sizes: 
 
     start = time.perf_counter()
     peak, label = matmul_tflops(device)
-    check.add("throughput", label, "PASS", f"{peak:.1f} TFLOP/s (the reference)", time.perf_counter() - start)
+    check.add("throughput", label, "PASS", f"{flops(peak)} (the reference)", time.perf_counter() - start)
     check.numbers["matmul_tflops"] = peak
     try:
         start = time.perf_counter()
-        seconds, flops = prior_bench(device, precision, sizes, work)
-        achieved = flops / seconds / 1e12
+        seconds, step_flop = prior_bench(device, precision, sizes, work)
+        achieved = step_flop / seconds / 1e12
         check.add("throughput", f"prior bench, batch {sizes.prior_batch}", "PASS",
-                  f"{1 / seconds:.2f} steps/s, {achieved:.2f} TFLOP/s = {achieved / peak:.1%} of the matmul",
+                  f"{1 / seconds:.2f} steps/s, {flops(achieved)} = {achieved / peak:.1%} of the matmul",
                   time.perf_counter() - start)
         check.numbers["prior_bench"] = {"steps_per_s": 1 / seconds, "tflops": achieved, "fraction": achieved / peak}
     except Exception as exc:  # a row, not a crash: the other measurements still count
@@ -356,7 +360,7 @@ def check_throughput(check: Check, device: torch.device, precision: str, sizes: 
         _, what, gflop, sec, images, gflops, _, _ = rows[0]  # the autoencoder's step
         achieved = gflops / 1e3
         check.add("throughput", f"VQGAN {recipe}, batch {batch}", "PASS",
-                  f"{images:.1f} images/s, {achieved:.2f} TFLOP/s = {achieved / peak:.1%} of the matmul "
+                  f"{images:.1f} images/s, {flops(achieved)} = {achieved / peak:.1%} of the matmul "
                   f"(with the discriminator: {rows[1][4]:.1f} images/s)", time.perf_counter() - start)
         check.numbers["vqgan"] = {"recipe": recipe, "batch": batch, "images_per_s": images,
                                   "images_per_s_with_discriminator": rows[1][4], "tflops": achieved,
