@@ -292,29 +292,19 @@ def flops(tflops: float) -> str:
     return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{1000 * tflops:.1f} GFLOP/s"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_tflops(device: torch.device) -> tuple[float, str]:
     """TFLOP/s of square matmuls: bf16 8192² on a GPU; fp32 1024² in the dry run (bf16 is slow on CPUs)."""
+    from vq_throughput import matmul_peak
+
     n, dtype, repeats = (8192, torch.bfloat16, 20) if device.type == "cuda" else (1024, torch.float32, 5)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
     label = f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} matmul {n}²"
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12, label
+    return matmul_peak(device, n, repeats, dtype) / 1e3, label
 
 
 def prior_bench(device: torch.device, precision: str, sizes: Sizes, work: Path) -> tuple[float, float]:
     """(seconds per step, FLOP per step) of the `bench` prior's training step."""
     from prior_throughput import step_flops, synthetic_latents
+    from vq_throughput import sync
 
     from vqtool.config import load_recipe
     from vqtool.prior.train import PriorTrainTask, TrainPriorConfig

@@ -32,19 +32,20 @@ from vqtool.vq.train import TrainVQConfig, VQTrainer
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of n×n matmuls in `dtype` (fp32: this benchmark's reference; bf16: the GPU check's)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -58,11 +59,11 @@ def count_flops(fn) -> float:
 def timed(fn, repeats: int, device: torch.device) -> float:
     """Seconds per call, after one warm-up call."""
     fn()
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t) / repeats
 
 
