@@ -189,18 +189,20 @@ class Ledger:
     def get(self, stage: str) -> dict[str, Any] | None:
         return self.stages.get(stage)
 
-
-def _forget_amp(stages: dict[str, Any]) -> None:
-    # train_vq.amp became the --precision option, which (like --device) is no setting an output is recorded
-    # with: a record written before that still counts as up to date instead of retraining the VQ.
-    train_vq = ((stages.get("train-vq") or {}).get("settings") or {}).get("train_vq")
-    if isinstance(train_vq, dict):
-        train_vq.pop("amp", None)
-
     def put(self, stage: str, entry: dict[str, Any]) -> None:
         self.stages[stage] = entry
         atomic_write_json(self.path, {"format_version": LEDGER_VERSION, "vqtool_version": __version__,
                                       "stages": self.stages})
+
+
+def _forget_amp(stages: dict[str, Any]) -> None:
+    # train_vq.amp became the --precision option, which (like --device) is no setting an output is recorded
+    # with: a record written before that still counts as up to date instead of retraining the VQ.
+    entry = stages.get("train-vq")
+    settings = entry.get("settings") if isinstance(entry, dict) else None
+    train_vq = settings.get("train_vq") if isinstance(settings, dict) else None
+    if isinstance(train_vq, dict):
+        train_vq.pop("amp", None)
 
 
 # --------------------------------------------------------------------------------------------------
