@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vqtool.config import load_recipe, merge
 from vqtool.data.prepare import PrepareSettings, prepare_synthetic
 from vqtool.device import resolve_device
+from vqtool.precision import autocast, resolve_precision
 from vqtool.vq.model import VQConfig
 from vqtool.vq.perceptual import Perceptual, build_lpips
 from vqtool.vq.train import TrainVQConfig, VQTrainer
@@ -31,19 +32,20 @@ from vqtool.vq.train import TrainVQConfig, VQTrainer
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of n×n matmuls in `dtype` (fp32: this benchmark's reference; bf16: the GPU check's)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -57,15 +59,16 @@ def count_flops(fn) -> float:
 def timed(fn, repeats: int, device: torch.device) -> float:
     """Seconds per call, after one warm-up call."""
     fn()
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t) / repeats
 
 
-def bench_recipe(name: str, batch: int | None, steps: int, device: torch.device, work: Path) -> list[tuple]:
+def bench_recipe(name: str, batch: int | None, steps: int, device: torch.device, work: Path,
+                 precision: str = "fp32") -> list[tuple]:
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     size = int(recipe["prepare"]["size"])
     vq_cfg = merge(VQConfig, recipe["vq"])
@@ -80,7 +83,8 @@ def bench_recipe(name: str, batch: int | None, steps: int, device: torch.device,
     if not shards.exists():
         prepare_synthetic(shards, "shapes", max(2 * cfg.batch_size, 8) + 4,
                           PrepareSettings(size=size, val_fraction=0.2, shard_size=64, workers=1), show_progress=False)
-    task = VQTrainer(vq_cfg, cfg, shards, work / f"{name}.safetensors", work / "figures", device=device)
+    task = VQTrainer(vq_cfg, cfg, shards, work / f"{name}.safetensors", work / "figures", device=device,
+                     precision=precision)
     if perceptual != "none":
         task.perceptual = Perceptual(build_lpips(perceptual)).to(device)
     params = sum(p.numel() for p in task.model.parameters()) / 1e6
@@ -103,7 +107,7 @@ def bench_recipe(name: str, batch: int | None, steps: int, device: torch.device,
     x = x.contiguous(memory_format=task.memory_format)
 
     def encode():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, precision):
             model.encode_to_tokens(x)
 
     measure(f"encode (batch {cfg.batch_size})", encode, cfg.batch_size)
@@ -118,15 +122,17 @@ def main() -> None:
                     help="Batch size per recipe (default: the recipe's for 32 px, 2 for 256 px).")
     ap.add_argument("--steps", type=int, default=2, help="Timed repetitions after one warm-up.")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (vqtool.precision).")
     args = ap.parse_args()
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)
-    print(f"torch threads: {torch.get_num_threads()}, device: {device}", flush=True)
+    print(f"torch threads: {torch.get_num_threads()}, device: {device}, precision: {precision}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="vq-bench-") as tmp:
         for i, name in enumerate(args.recipes):
             batch = args.batch[i] if args.batch and i < len(args.batch) else (None if "32" in name else 2)
-            rows += bench_recipe(name, batch, args.steps, device, Path(tmp))
+            rows += bench_recipe(name, batch, args.steps, device, Path(tmp), precision)
     print("\n| recipe | measurement | GFLOP per call | s per call | images/s | achieved GFLOP/s "
           "| matmul peak before / after | % of peak |\n|---|---|---|---|---|---|---|---|")
     for name, what, gflop, sec, images, gflops, before, after in rows:

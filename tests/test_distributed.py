@@ -27,6 +27,7 @@ from vqtool import distributed as D
 from vqtool import statepack
 from vqtool.artifacts import load_artifact
 from vqtool.data.loader import ShardLoader
+from vqtool.errors import VqtoolError
 from vqtool.prior.train import BatchSampler, TrainPriorConfig, train_prior
 from vqtool.runs import RunPaths
 from vqtool.vq.losses import PatchDiscriminator
@@ -159,6 +160,8 @@ def _rank_main(rank: int, world: int, port: int, work: str, shards: str) -> None
         _check_collectives(rank, world)
         run_vq(work / "vq-2x2", shards, batch_size=2)
         run_prior(work / "prior-2x2x2", work / "latents.safetensors", batch_size=2, grad_accum=2)
+        _check_forward_on_one_rank(rank)
+        _check_nan_on_one_rank(rank, work)
 
 
 def _check_collectives(rank: int, world: int) -> None:
@@ -176,6 +179,46 @@ def _check_collectives(rank: int, world: int) -> None:
     _check_global_batchnorm(rank, world)
 
 
+
+
+def _check_forward_on_one_rank(rank: int) -> None:
+    """A training-mode forward of the VQ on rank 0 alone (an extra batch) runs no collective, so it cannot
+    leave rank 1 waiting: the barrier after it is the next collective both ranks make."""
+    model = VQModel(tiny_vq(resolution=16)).train()
+    if rank == 0:
+        model(torch.randn(2, 3, 16, 16))
+    D.barrier()
+
+
+def _check_nan_on_one_rank(rank: int, work: Path) -> None:
+    """A NaN loss on rank 1 only stops both ranks at the same step, neither saving nor hanging."""
+    import vqtool.prior.train as PT
+
+    made = PT.make_objective
+
+    def objective(kind, settings):
+        inner = made(kind, settings)
+        if rank == 1:
+            calls = [0]
+            loss = inner.loss
+
+            def poisoned(*args, **kwargs):
+                calls[0] += 1
+                value, metrics = loss(*args, **kwargs)
+                return (value * float("nan") if calls[0] == 3 else value), metrics  # step 2, micro-batch 1
+
+            inner.loss = poisoned
+        return inner
+
+    PT.make_objective = objective
+    try:
+        with pytest.raises(VqtoolError, match="loss became nan at step 2; stopped without saving"):
+            run_prior(work / "prior-nan", work / "latents.safetensors", batch_size=2, grad_accum=2, max_steps=3,
+                      checkpoint_every=5)
+    finally:
+        PT.make_objective = made
+    assert not (work / "prior-nan" / "ck.safetensors").exists()
+    D.barrier()
 
 
 def _check_global_batchnorm(rank: int, world: int) -> None:

@@ -198,7 +198,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(AbsorbingObjective, "loss", flaky)
     p = run_paths(tmp_path / "r")
-    with pytest.raises(VqtoolError, match="loss became nan at step 4"):
+    with pytest.raises(VqtoolError, match="loss became nan at step 5"):
         train_prior(latents, small(max_steps=10, checkpoint_every=2, eval_every=2), **p)
     assert read_metadata(p["checkpoint"]).extra["step"] == 4
     assert read_metadata(p["out"]).extra["step"] == 4

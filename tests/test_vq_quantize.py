@@ -67,16 +67,21 @@ def test_codebook_loss_trains_codes_and_commitment_trains_encoder():
     assert z.grad.abs().sum() > 0
 
 
-def test_usage_tracks_lookup_share_only_in_training():
+def test_usage_tracks_lookup_share_when_the_trainer_updates_it():
     q = VectorQuantizer(4, 2, cosine=False, usage_decay=0.5)
     q.embedding.data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
     z = torch.zeros(1, 2, 2, 2)  # every vector picks code 0
-    q.eval()
-    q(z)
-    assert torch.allclose(q.usage, torch.full((4,), 0.25))
-    q.train()
-    q(z)
+    for mode in (q.eval, q.train):  # a forward alone never touches the usage (and runs no collective)
+        mode()
+        out = q(z)
+        assert torch.allclose(q.usage, torch.full((4,), 0.25))
+    counts = q.code_counts(out.indices)
+    assert counts.tolist() == [4.0, 0.0, 0.0, 0.0]
+    q.update_usage(counts)
     assert torch.allclose(q.usage, torch.tensor([0.625, 0.125, 0.125, 0.125]))
+    # Rows of micro-batches are applied in order, as one update each.
+    q.update_usage(torch.stack([counts, torch.tensor([0.0, 0.0, 0.0, 2.0])]))
+    assert torch.allclose(q.usage, torch.tensor([0.40625, 0.03125, 0.03125, 0.53125]))
 
 
 def test_restart_reseeds_exactly_the_dead_codes_from_batch_vectors():
@@ -109,6 +114,7 @@ def test_restart_revives_a_collapsed_codebook_in_training():
     gen = torch.Generator().manual_seed(1)
     for _ in range(6):
         out = q(z)
+        q.update_usage(q.code_counts(out.indices))
         q.restart_dead(out.vectors, gen, threshold=0.5)
     used = q(z).indices.unique().numel()
     assert used >= 6

@@ -1,12 +1,12 @@
-"""Device and precision, decided once per stage.
+"""The device a stage runs on, decided once per stage (its precision: vqtool.precision).
 
-fp32 everywhere on CPU: this class of CPU has no native bf16 and runs it hundreds of times slower.
-Mixed precision is only offered on CUDA.
+Under torchrun (or `--nproc-per-node`) every process owns the GPU of its LOCAL_RANK: `cuda` and `auto`
+mean that GPU, and an explicit `cuda:N` that names another one is refused, since N processes told
+`cuda:0` would all train on GPU 0.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -21,18 +21,19 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise VqtoolError(f"--device must be one of auto, cpu, cuda (got {name!r})")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise VqtoolError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-        if name == "cuda" and "LOCAL_RANK" in os.environ:
-            # Under torchrun each process owns the GPU of its local rank.
-            name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on CPU."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise VqtoolError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VqtoolError(f"--device {name}: expected cuda or cuda:N") from None
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return device
+    own = int(local)
+    if device.index is not None and device.index != own:
+        raise VqtoolError(f"--device {name}: this process is local rank {own}, which trains on cuda:{own}; pass "
+                          "--device cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    return torch.device("cuda", own)

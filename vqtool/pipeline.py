@@ -40,6 +40,7 @@ from vqtool.config import load_recipe, merge, parse_overrides, to_dict
 from vqtool.console import CallbackBar, console, progress
 from vqtool.data.manifest import MANIFEST_NAME, manifest_sha256
 from vqtool.errors import VqtoolError
+from vqtool.precision import PRECISIONS
 from vqtool.runs import RunPaths
 from vqtool.training import Interrupted
 
@@ -56,7 +57,7 @@ SECTIONS = {
     "neighbours": ("neighbours",),
 }
 SIDE_NEEDS = {"inpaint": "train-prior", "eval": "train-prior", "neighbours": "sample"}
-TOP_LEVEL = ("stages", "seed", "device", "threads")
+TOP_LEVEL = ("stages", "seed", "device", "precision", "threads")
 LEDGER_NAME = "pipeline.json"
 LEDGER_VERSION = 1
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -70,6 +71,7 @@ _MADE_BY = {"dataset": "prepare", "real_dataset": "prepare", "train_dataset": "p
 class PipelineOptions:
     seed: int | None = None  # None: the recipe's `seed:` (else 0)
     device: str | None = None  # None: the recipe's `device:` (else auto)
+    precision: str | None = None  # None: the recipe's `precision:` (else auto); vqtool.precision
     threads: int | None = None  # torch CPU threads; None: the recipe's `threads:` (else torch's default)
     overwrite: bool = False  # replace outputs this pipeline did not make
     dry_run: bool = False  # only say what would run and why
@@ -180,6 +182,7 @@ class Ledger:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 self.stages = dict(data["stages"])
+                _forget_amp(self.stages)
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                 raise VqtoolError(f"{path}: corrupt pipeline record; delete it and rerun with --overwrite") from None
 
@@ -190,6 +193,16 @@ class Ledger:
         self.stages[stage] = entry
         atomic_write_json(self.path, {"format_version": LEDGER_VERSION, "vqtool_version": __version__,
                                       "stages": self.stages})
+
+
+def _forget_amp(stages: dict[str, Any]) -> None:
+    # train_vq.amp became the --precision option, which (like --device) is no setting an output is recorded
+    # with: a record written before that still counts as up to date instead of retraining the VQ.
+    entry = stages.get("train-vq")
+    settings = entry.get("settings") if isinstance(entry, dict) else None
+    train_vq = settings.get("train_vq") if isinstance(settings, dict) else None
+    if isinstance(train_vq, dict):
+        train_vq.pop("amp", None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,6 +236,7 @@ class _Context:
     device: str
     threads: int
     dry_run: bool = False
+    precision: str = "auto"  # like the device, not a setting an output is recorded with
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.recipe.get(name) or {})
@@ -277,7 +291,7 @@ def _plan_train_vq(ctx: _Context) -> Step:
 
     def run(resume: bool) -> Outcome:
         r = train_vq(ctx.paths.root, vq_cfg, cfg, seed=ctx.seed, device=ctx.device, resume=resume,
-                     overwrite=not resume)
+                     overwrite=not resume, precision=ctx.precision)
         summary = (f"step {r.step} ({r.reason}), val PSNR {r.val.get('psnr', float('nan')):.2f} dB, "
                    f"codebook usage {100 * r.val.get('usage', 0):.0f}%")
         return Outcome(summary, "interrupted" if r.reason == "interrupted" else "done")
@@ -299,7 +313,7 @@ def _plan_encode(ctx: _Context) -> Step:
 
     def run(resume: bool) -> Outcome:
         r = encode_dataset(ctx.paths.root, batch_size=s.batch_size, device=ctx.device, overwrite=True,
-                           weights=s.weights)
+                           weights=s.weights, precision=ctx.precision)
         used = ", ".join(f"{100 * u:.0f}% ({split})" for split, u in r.usage.items())
         return Outcome(f"{r.latent_shape[0]}×{r.latent_shape[1]} tokens of {r.codebook_size} codes; "
                        f"codes used {used}")
@@ -314,9 +328,10 @@ def _plan_train_prior(ctx: _Context) -> Step:
     cfg = merge(TrainPriorConfig, {"seed": ctx.seed}, ctx.section("prior"), ctx.section("train_prior"),
                 where="train_prior")
     cfg.device = ctx.device
+    cfg.precision = ctx.precision
     cfg.threads = ctx.threads or None
     check_config(cfg)
-    recorded = _without(to_dict(cfg), "device", "threads")
+    recorded = _without(to_dict(cfg), "device", "precision", "threads")
     checkpoint = ctx.paths.checkpoint(STAGE)
 
     def run(resume: bool) -> Outcome:
@@ -356,7 +371,7 @@ def _plan_sample(ctx: _Context) -> Step:
         with CallbackBar("sampling") as bar:
             r = sample_images(ctx.paths.prior, ctx.paths.vq, ctx.paths.samples, int(extra["n"]), settings,
                               class_id=extra["class"], device=ctx.device, quantize=extra["quantize"],
-                              overwrite=True, progress=bar)
+                              overwrite=True, progress=bar, precision=ctx.precision)
         return Outcome(f"{len(r.images)} images, {settings.schedule} schedule, {settings.steps} steps, "
                        f"{r.images_per_second:.2f} images/s")
 
@@ -408,7 +423,8 @@ def _plan_inpaint(ctx: _Context) -> Step:
         with CallbackBar("inpainting") as bar:
             r = inpaint_image(ctx.paths.prior, ctx.paths.vq, path, ctx.paths.inpaint, int(extra["n"]), settings,
                               mask_path=mask, box=region, keep_pixels=bool(extra["keep_pixels"]), class_id=class_id,
-                              device=ctx.device, quantize=extra["quantize"], overwrite=True, progress=bar)
+                              device=ctx.device, quantize=extra["quantize"], overwrite=True, progress=bar,
+                              precision=ctx.precision)
         h, w = r.tokens.shape[1:]
         return Outcome(f"{len(r.completions)} completions of {path.name}, {r.masked_tokens} of {h * w} tokens "
                        f"regenerated in {r.steps_run} steps")
@@ -510,7 +526,8 @@ def _plan_eval(ctx: _Context) -> Step:
         return found
 
     def run(resume: bool) -> Outcome:
-        r = evaluate(ctx.paths.root, settings, sample, device=ctx.device, seed=ctx.seed, overwrite=True)
+        r = evaluate(ctx.paths.root, settings, sample, device=ctx.device, seed=ctx.seed, overwrite=True,
+                     precision=ctx.precision)
         from vqtool.eval.report import LABELS, format_value
 
         shown = [f"{LABELS[k][0]} {format_value(k, v)}" for k, v in r.metrics.items()
@@ -585,7 +602,8 @@ def _plan_neighbours(ctx: _Context) -> Step:
             r = pixel_neighbours(ctx.paths, settings, ctx.device, note=_skip_message(settings))
             return Outcome(f"nearest training images by pixel distance (no LPIPS weights): median "
                            f"{r['metrics']['sample_nn_median']:.3f} RMS")
-        r = neighbour_check(ctx.paths.root, settings, sample, device=ctx.device, overwrite=True)
+        r = neighbour_check(ctx.paths.root, settings, sample, device=ctx.device, overwrite=True,
+                            precision=ctx.precision)
         return Outcome(f"LPIPS: {r.report['verdict']}")
 
     return Step("neighbours", recorded, output, inputs, run)
@@ -833,10 +851,13 @@ def run_pipeline(
         chosen = [s for s in STAGES if s in stages]
     seed = options.seed if options.seed is not None else int(recipe.get("seed") or 0)
     device = options.device or str(recipe.get("device") or "auto")
+    precision = options.precision or str(recipe.get("precision") or "auto")
+    if precision not in PRECISIONS:
+        raise VqtoolError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     threads = options.threads if options.threads is not None else int(recipe.get("threads") or 0)
     if threads < 0:
         raise VqtoolError(f"--threads {threads}: must be 0 (torch's default) or more")
-    ctx = _Context(RunPaths.of(run), recipe, chosen, seed, device, threads, options.dry_run)
+    ctx = _Context(RunPaths.of(run), recipe, chosen, seed, device, threads, options.dry_run, precision)
     steps = [_PLANNERS[name](ctx) for name in chosen]  # every setting is checked before anything runs
     ledger = Ledger(ctx.paths.root / LEDGER_NAME)
 

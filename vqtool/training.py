@@ -132,14 +132,15 @@ class Interrupted(Exception):
 # Random state of the process (the task keeps its own generators in its state_dict)
 
 
-def _global_rng_state() -> dict[str, Any]:
+def _global_rng_state(device: torch.device) -> dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": _numpy_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        # This rank's own GPU only: another rank's generator is that rank's to save (and to initialise).
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
@@ -149,13 +150,24 @@ def _numpy_state() -> dict[str, Any]:
             "has_gauss": int(has_gauss), "cached": float(cached)}
 
 
-def _set_global_rng_state(state: dict[str, Any]) -> None:
+def _set_global_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuples(state["python"]))
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if device.type != "cuda" or cuda is None:
+        return  # a CPU run leaves CUDA alone; a GPU run resuming a CPU checkpoint keeps its fresh stream
+    if isinstance(cuda, list):  # older checkpoints hold every visible GPU's state: take this device's
+        if (device.index or 0) >= len(cuda):
+            return
+        cuda = cuda[device.index or 0]
+    torch.cuda.set_rng_state(cuda, device)
+
+
+def _device(task: TrainTask) -> torch.device:
+    # Optional on a task (the toy tasks of tests have none): the device whose random state it uses.
+    return getattr(task, "device", None) or torch.device("cpu")
 
 
 def _as_tuples(x: Any) -> Any:
@@ -169,7 +181,7 @@ def _as_tuples(x: Any) -> Any:
 def rank_state(task: TrainTask) -> dict[str, Any]:
     """What this rank alone knows: its global random state and the task's per-rank state, if any."""
     own = task.rank_state_dict() if hasattr(task, "rank_state_dict") else {}
-    return {"rng": _global_rng_state(), "task": own}
+    return {"rng": _global_rng_state(_device(task)), "task": own}
 
 
 def save_checkpoint(task: TrainTask, path: Path, ranks: list[dict[str, Any]] | None = None) -> None:
@@ -182,7 +194,8 @@ def save_checkpoint(task: TrainTask, path: Path, ranks: list[dict[str, Any]] | N
         task.checkpoint_kind,
         tensors,
         config=task.resume_key(),
-        extra={"state": skeleton, "step": task.step, "world_size": len(ranks)},
+        extra={"state": skeleton, "step": task.step, "world_size": len(ranks),
+               "precision": getattr(task, "precision", None)},  # optional on a task: fp32, bf16 or fp16
     )
 
 
@@ -207,10 +220,10 @@ def load_checkpoint(task: TrainTask, path: Path, proc: ProcessInfo | None = None
     task.step = int(state["step"])
     ranks = state.get("ranks") or [{"rng": state["rng"], "task": None}]  # older single-process checkpoints
     if proc.rank < len(ranks):
-        _set_global_rng_state(ranks[proc.rank]["rng"])
+        _set_global_rng_state(ranks[proc.rank]["rng"], _device(task))
         own = ranks[proc.rank]["task"]
     else:
-        _set_global_rng_state(ranks[0]["rng"])
+        _set_global_rng_state(ranks[0]["rng"], _device(task))
         _reseed_global_rng(ranks[0]["rng"]["torch"], proc.rank)
         own = None
     if hasattr(task, "load_rank_state_dict") and (own or proc.rank >= len(ranks)):
@@ -549,10 +562,15 @@ def _train(task: TrainTask, settings: LoopSettings, checkpoint_path: Path, log: 
                 if task.step % settings.checkpoint_every == 0:
                     checkpoint()
         # Still under the signal handlers: a SIGTERM now must not kill the process halfway through the save.
+        evaluated = False
         if reason != "interrupted" and (not last_eval or task.step % settings.eval_every != 0):
             last_eval = task.evaluate()
             log.write({"step": task.step, "split": "val", "time": time.time(), **last_eval})
-        checkpoint()
+            evaluated = True
+        # The checkpoint of the last step is written once: when the loop wrote it already (max_steps a multiple
+        # of checkpoint_every, or a stop before any step) and no evaluation changed the state since, it stands.
+        if saved_at != task.step or evaluated:
+            checkpoint()
         exported = task.export() if proc.is_main else []
     return LoopResult(task.step, reason, last_train, last_eval, exported, stopped_by)
 
@@ -586,3 +604,14 @@ class EMA:
 
     def copy_to(self, model: torch.nn.Module) -> None:
         model.load_state_dict(self.shadow)
+
+
+def read_scalars(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Python floats of a step's scalars, the tensors among them read back in one device-to-host copy.
+
+    A trainer sums its micro-batches' numbers as tensors on the device and calls this once per step: a
+    `float()` or `.item()` per micro-batch would make the CPU wait for the GPU at every micro-step."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    read = dict(zip(tensors, torch.stack([v.detach().double() for v in tensors.values()]).tolist(),
+                    strict=True)) if tensors else {}
+    return {k: float(read[k]) if k in read else float(v) for k, v in values.items()}

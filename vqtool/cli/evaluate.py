@@ -75,6 +75,7 @@ def eval_command(
     sample_batch_size: int = _SampleBatch,
     seed: int = options.Seed,
     device: str = options.Device,
+    precision: str = options.Precision,
     config: Path = options.Config,
     set_: list[str] = options.Set,
     overwrite: bool = options.Overwrite,
@@ -94,7 +95,7 @@ def eval_command(
                             {"eval": cli, "sample": _sampling(steps, temperature, schedule, curve, order, top_k, top_p,
                                                               sample_batch_size, seed)})
     settings, sample = chosen["eval"], chosen["sample"]
-    result = evaluate(run, settings, sample, device=device, seed=seed, overwrite=overwrite)
+    result = evaluate(run, settings, sample, device=device, seed=seed, overwrite=overwrite, precision=precision)
     console.print(Markdown(result.markdown))
     rows = [("report", result.json_path), ("artifact", result.artifact_path)]
     real_info = result.report.get("real")
@@ -104,6 +105,7 @@ def eval_command(
     note = (result.report.get("recon") or {}).get("note")
     if note:
         rows.append(("note", note))
+    rows.append(("precision", f"{result.precision} (VQ and prior; feature extractors fp32)"))
     rows.append(("time", f"{result.seconds:.1f} s"))
     console.print(summary_table("eval", [(k, escape(str(v))) for k, v in rows]))
 
@@ -140,6 +142,7 @@ def neighbours_command(
     sample_batch_size: int = _SampleBatch,
     seed: int = options.Seed,
     device: str = options.Device,
+    precision: str = options.Precision,
     config: Path = options.Config,
     set_: list[str] = options.Set,
     overwrite: bool = options.Overwrite,
@@ -154,7 +157,7 @@ def neighbours_command(
                             {"neighbours": cli, "sample": _sampling(steps, temperature, schedule, curve, order, top_k,
                                                                     top_p, sample_batch_size, seed)})
     settings, sample = chosen["neighbours"], chosen["sample"]
-    r = neighbour_check(run, settings, sample, device=device, overwrite=overwrite)
+    r = neighbour_check(run, settings, sample, device=device, overwrite=overwrite, precision=precision)
     colour = {"memorisation": "red", "possible copies": "yellow"}.get(r.report["verdict"], "green")
     console.print(f"[bold {colour}]{escape(r.report['message'])}[/bold {colour}]", soft_wrap=True)
     rows = [
@@ -164,6 +167,7 @@ def neighbours_command(
     ]
     if r.val_nearest is not None:
         rows.append(("val→train nearest LPIPS", _median_range(r.val_nearest)))
+    rows.append(("precision", f"{r.precision} (sampling; LPIPS fp32)"))
     rows.append(("time", f"{r.seconds:.1f} s"))
     console.print(summary_table("neighbours", [(key, escape(str(v))) for key, v in rows]))
 

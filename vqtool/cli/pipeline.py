@@ -16,6 +16,8 @@ _Threads = typer.Option(None, "--threads", help="torch CPU threads (0: torch's d
                                                 "`threads:`). 1 is fastest on a busy shared machine.")
 _Seed = typer.Option(None, "--seed", help="Seed of every stage (default: the recipe's `seed:`, else 0).")
 _Device = typer.Option(None, "--device", help="auto, cpu or cuda (default: the recipe's `device:`, else auto).")
+_Precision = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16 for every stage (default: the "
+                                                    "recipe's `precision:`, else auto: fp32 on CPU).")
 _Overwrite = typer.Option(False, "--overwrite", help="Replace outputs this pipeline did not make (it never "
                                                      "replaces them otherwise).")
 _DryRun = typer.Option(False, "--dry-run", help="Only say which stages would run and why.")
@@ -31,6 +33,7 @@ def quickstart_command(
     set_: list[str] = _Set,
     seed: int = _Seed,
     device: str = _Device,
+    precision: str = _Precision,
     threads: int = _Threads,
     overwrite: bool = _Overwrite,
     dry_run: bool = _DryRun,
@@ -40,7 +43,8 @@ def quickstart_command(
     Rerunning skips every stage that is up to date."""
     from vqtool.pipeline import quickstart
 
-    opts = PipelineOptions(seed=seed, device=device, threads=threads, overwrite=overwrite, dry_run=dry_run)
+    opts = PipelineOptions(seed=seed, device=device, precision=precision, threads=threads, overwrite=overwrite,
+                           dry_run=dry_run)
     _print(quickstart(run, set_, opts, recipe_path=config))
 
 
@@ -53,6 +57,7 @@ def run_command(
     stages: str = _Stages,
     seed: int = _Seed,
     device: str = _Device,
+    precision: str = _Precision,
     threads: int = _Threads,
     overwrite: bool = _Overwrite,
     dry_run: bool = _DryRun,
@@ -60,7 +65,8 @@ def run_command(
     """Run a recipe's stages in order, skipping those whose outputs are up to date (provenance hashes)."""
     from vqtool.pipeline import load_and_run
 
-    opts = PipelineOptions(seed=seed, device=device, threads=threads, overwrite=overwrite, dry_run=dry_run)
+    opts = PipelineOptions(seed=seed, device=device, precision=precision, threads=threads, overwrite=overwrite,
+                           dry_run=dry_run)
     chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     _print(load_and_run(recipe, run or Path("runs") / recipe.stem, set_, opts, chosen))
 

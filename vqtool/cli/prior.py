@@ -59,7 +59,8 @@ def train_prior_command(
         "optimizer) starting from its ema.* weights (the ones meant for use; model.* if it has none), with its "
         "prior kind, transformer and objective; only --dropout may differ. The latents must have its codebook, "
         "grid and classes. --resume continues such a run without it."),
-    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (fp32 on CPU; mixed precision only on CUDA)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option(None, "--precision", help=options.Precision.help),
     seed: int = typer.Option(None, "--seed", help="Seed for weights, batches and masks (default 0)."),
     overwrite: bool = options.Overwrite,
     nproc_per_node: int = options.NprocPerNode,
@@ -71,7 +72,7 @@ def train_prior_command(
                grad_accum=grad_accum, lr=lr, loss=loss,
                mask_schedule=mask_schedule, timesteps=timesteps, n_layer=layers, n_embd=width, n_head=heads,
                dropout=dropout, eval_every=eval_every, patience=patience, threads=threads, compile=compile_,
-               device=device, seed=seed)
+               device=device, precision=precision, seed=seed)
     # The settings as chosen, not yet filled with defaults: with --init they are checked against the artifact.
     chosen = choose(train_prior_parts(), load_recipe(config), set_, {"train_prior": cli})["train_prior"]
     if nproc_per_node != 1:
@@ -93,6 +94,7 @@ def train_prior_command(
         ("best val bound", best),
         ("last train bpt", f"{r.last_train['bpt']:.4f}" if "bpt" in r.last_train else "-"),
         ("throughput", f"{r.tokens_per_second:,.0f} tokens/s in training steps"),
+        ("precision", r.precision),
         ("time", f"{r.seconds:.1f} s"),
         ("checkpoint", r.checkpoint),
         ("log", r.log),

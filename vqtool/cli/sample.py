@@ -48,6 +48,7 @@ def sample_command(
     out: Path = typer.Option(None, "--out", help="Output folder (default: RUN/samples)."),
     seed: int = options.Seed,
     device: str = options.Device,
+    precision: str = options.Precision,
     config: Path = options.Config,
     set_: list[str] = options.Set,
     overwrite: bool = options.Overwrite,
@@ -62,7 +63,7 @@ def sample_command(
     settings = _settings(config, set_, ("sample",), cli)
     with CallbackBar("sampling") as bar:
         r = sample_images(prior or paths.prior, vq or paths.vq, out or paths.samples, n, settings, class_id=class_,
-                          device=device, quantize=quantize, overwrite=overwrite, progress=bar)
+                          device=device, quantize=quantize, overwrite=overwrite, progress=bar, precision=precision)
     H, W = r.tokens.shape[1:]
     rows = [
         ("images", f"{len(r.images)} PNGs in {r.grid.parent}"),
@@ -71,6 +72,7 @@ def sample_command(
         ("settings", _describe(settings, r.prior_kind, H * W) + (", int8" if quantize == "int8" else "")),
         ("sampling", f"{r.seconds:.1f} s, {r.images_per_second:.2f} images/s"),
         ("decoding", f"{r.decode_seconds:.1f} s"),
+        ("precision", r.precision),
     ]
     console.print(summary_table("sample", [(k, escape(str(v))) for k, v in rows]))
 
@@ -105,6 +107,7 @@ def inpaint_command(
     out: Path = typer.Option(None, "--out", help="Output folder (default: RUN/inpaint)."),
     seed: int = options.Seed,
     device: str = options.Device,
+    precision: str = options.Precision,
     config: Path = options.Config,
     set_: list[str] = options.Set,
     overwrite: bool = options.Overwrite,
@@ -120,7 +123,7 @@ def inpaint_command(
     with CallbackBar("inpainting") as bar:
         r = inpaint_image(prior or paths.prior, vq or paths.vq, image, out or paths.inpaint, n, settings,
                           mask_path=mask, box=parsed_box, keep_pixels=keep_pixels, class_id=class_, device=device,
-                          quantize=quantize, overwrite=overwrite, progress=bar)
+                          quantize=quantize, overwrite=overwrite, progress=bar, precision=precision)
     h, w = r.tokens.shape[1:]
     rows = [
         ("masked tokens", f"{r.masked_tokens} of {h * w}"),
@@ -131,5 +134,6 @@ def inpaint_command(
         ("grid", r.grid),
         ("tokens", r.artifact),
         ("time", f"{r.seconds:.1f} s"),
+        ("precision", r.precision),
     ]
     console.print(summary_table("inpaint", [(k, escape(str(v))) for k, v in rows]))

@@ -62,6 +62,7 @@ def train_vq_command(
         "discriminator when it has one, and its model settings. Only beta, dropout, kmeans_init, "
         "restart_threshold and usage_decay may differ. --resume continues such a run without it."),
     device: str = options.Device,
+    precision: str = options.Precision,
     threads: int = options.Threads,
     seed: int = options.Seed,
     overwrite: bool = options.Overwrite,
@@ -80,12 +81,13 @@ def train_vq_command(
     if nproc_per_node != 1:
         return launch_ranks(ctx, nproc_per_node, device)
     r = train_vq(run, chosen["vq"], chosen["train_vq"], seed=seed, device=device, resume=resume, overwrite=overwrite,
-                 shards=shards, init=init)
+                 shards=shards, init=init, precision=precision)
     rows = [
         ("output", r.output),
         *([("init", init_row(r.init, r.init_sha256))] if r.init_sha256 else []),
         ("steps", f"{r.step} ({r.reason})"),
         ("speed", f"{r.steps_per_s:.2f} steps/s on {r.device} ({r.steps_this_session} steps, {r.seconds:.0f} s)"),
+        ("precision", r.precision),
         ("val PSNR", f"{r.val.get('psnr', float('nan')):.2f} dB"),
         ("val L1", f"{r.val.get('l1', float('nan')):.4f}"),
         ("codebook usage", f"{100 * r.val.get('usage', 0):.1f}% of codes, perplexity {r.val.get('perplexity', 0):.1f}"),
@@ -107,6 +109,7 @@ def encode_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     weights: str = Weights,
     device: str = options.Device,
+    precision: str = options.Precision,
     threads: int = options.Threads,
     overwrite: bool = options.Overwrite,
 ) -> None:
@@ -115,13 +118,14 @@ def encode_command(
 
     options.apply_threads(threads)
     r = encode_dataset(run, vq, shards, out, batch_size=batch_size, device=device, overwrite=overwrite,
-                       weights=weights)
+                       weights=weights, precision=precision)
     rows = [
         ("output", r.output),
         ("status", "up to date (same VQ and data); nothing encoded" if r.reused else "encoded"),
         ("images", ", ".join(f"{n:,} {s}" for s, n in r.counts.items())),
         ("token grid", f"{r.latent_shape[0]}×{r.latent_shape[1]} of {r.codebook_size} codes"),
         ("vq sha256", r.vq_sha256[:16] + "…"),
+        ("precision", r.precision),
     ]
     if not r.reused:
         rows.append(("throughput", f"{r.images_per_s:,.0f} images/s ({r.seconds:.1f} s)"))
@@ -138,14 +142,17 @@ def reconstruct_command(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     weights: str = Weights,
     device: str = options.Device,
+    precision: str = options.Precision,
     threads: int = options.Threads,
 ) -> None:
     """Images → centre-crop to the VQ's size → encode → decode → one PNG each + comparison.png."""
     from vqtool.vq.encode import reconstruct_images
 
     options.apply_threads(threads)
-    r = reconstruct_images(run, images, vq, out, batch_size=batch_size, device=device, weights=weights)
-    rows = [("images", r.count), ("output", r.out_dir), ("comparison", r.grid), ("mean PSNR", f"{r.psnr:.2f} dB")]
+    r = reconstruct_images(run, images, vq, out, batch_size=batch_size, device=device, weights=weights,
+                           precision=precision)
+    rows = [("images", r.count), ("output", r.out_dir), ("comparison", r.grid), ("mean PSNR", f"{r.psnr:.2f} dB"),
+            ("precision", r.precision)]
     console.print(summary_table("reconstruct", [(k, escape(str(v))) for k, v in rows]))
 
 
@@ -161,6 +168,7 @@ def decode_command(
     batch_size: int = typer.Option(64, "--batch-size", help="Grids per forward pass."),
     weights: str = Weights,
     device: str = options.Device,
+    precision: str = options.Precision,
     threads: int = options.Threads,
 ) -> None:
     """Token grids (latents or samples artifact) → PNG images and grid.png, checking they were made by this VQ."""
@@ -168,6 +176,7 @@ def decode_command(
 
     options.apply_threads(threads)
     r = decode_artifact(run, source, vq, out, split=split, limit=limit, batch_size=batch_size, device=device,
-                        weights=weights)
-    rows = [("source", f"{r.source} ({r.kind})"), ("images", len(r.files)), ("output", r.out_dir), ("grid", r.grid)]
+                        weights=weights, precision=precision)
+    rows = [("source", f"{r.source} ({r.kind})"), ("images", len(r.files)), ("output", r.out_dir), ("grid", r.grid),
+            ("precision", r.precision)]
     console.print(summary_table("decode", [(k, escape(str(v))) for k, v in rows]))

@@ -12,6 +12,11 @@ batch the original loader would have produced next.
 
 Finite mode (validation, encode) reads the split once in manifest order, no shuffle, no flips, and
 keeps the last partial batch.
+
+For a CUDA consumer (`pin_memory=True`) every batch is handed out in page-locked memory, so that the
+trainer's `.to(device, non_blocking=True)` is an asynchronous copy that overlaps with the GPU's work
+instead of a synchronous one from pageable memory. benchmarks/loader_throughput.py measures how many
+decode workers a GPU needs (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -138,6 +143,7 @@ class ShardLoader:
         world_size: int = 1,
         num_workers: int = 0,
         drop_last: bool | None = None,
+        pin_memory: bool = False,
     ):
         self.shards_dir = Path(shards_dir)
         self.manifest = read_manifest(self.shards_dir)
@@ -157,6 +163,7 @@ class ShardLoader:
         self.rank = rank
         self.world_size = world_size
         self.num_workers = num_workers
+        self.pin_memory = pin_memory  # page-locked batches, for non-blocking copies to a GPU
         self.drop_last = infinite if drop_last is None else drop_last
         self._slots_per_rank = max(1, num_workers)
         slots = world_size * self._slots_per_rank
@@ -341,7 +348,7 @@ class ShardLoader:
         for batch in stream:
             if self.infinite:
                 self._batches += 1
-            yield batch
+            yield _pinned(batch) if self.pin_memory else batch
 
     def __len__(self) -> int:
         """Batches per epoch for this rank: exact in finite mode, the average in infinite mode."""
@@ -385,6 +392,13 @@ class ShardLoader:
 
 def _identity(batch: Batch) -> Batch:
     return batch
+
+
+def _pinned(batch: Batch) -> Batch:
+    # In this process rather than in DataLoader's pinning thread: one code path for any number of workers,
+    # and a copy of a few MB per batch costs far less than the GPU step it feeds.
+    images, labels = batch
+    return images.pin_memory(), (labels.pin_memory() if labels is not None else None)
 
 
 class _WorkerStream(torch.utils.data.IterableDataset):

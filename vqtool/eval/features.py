@@ -195,11 +195,16 @@ def extract_features(
     batches: Iterable[torch.Tensor],
     on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Features (N, D) float32 on the CPU of every image in `batches` (each (B, 3, H, W) in [-1, 1])."""
+    """Features (N, D) float32 on the CPU of every image in `batches` (each (B, 3, H, W) in [-1, 1]).
+
+    Always in fp32, also inside a stage's autocast region: scores must not depend on --precision."""
+    from vqtool.precision import full_precision
+
     out = []
     for images in batches:
         x = to_uint8_batch(images).to(extractor.device)
-        out.append(extractor(x).float().cpu())
+        with full_precision(torch.device(extractor.device)):
+            out.append(extractor(x).float().cpu())
         if on_batch is not None:
             on_batch(images.shape[0])
     if not out:

@@ -79,14 +79,18 @@ def _load_backbone(model: torch.nn.Module, state: dict[str, torch.Tensor], sourc
 
 @torch.no_grad()
 def lpips_distance(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """LPIPS between paired images a[i], b[i] (each (N, 3, H, W) in [-1, 1]) → (N,) on the CPU."""
+    """LPIPS between paired images a[i], b[i] (each (N, 3, H, W) in [-1, 1]) → (N,) on the CPU, in fp32
+    also inside a stage's autocast region (a distance must not depend on --precision)."""
+    from vqtool.precision import full_precision
+
     if a.shape != b.shape:
         raise ValueError(f"paired images must have equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     device = next(model.parameters()).device
     out = []
     for i in range(0, a.shape[0], batch_size):
         x, y = _at_least(a[i:i + batch_size].to(device).float()), _at_least(b[i:i + batch_size].to(device).float())
-        out.append(model(x, y).flatten().cpu())
+        with full_precision(device):
+            out.append(model(x, y).float().flatten().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

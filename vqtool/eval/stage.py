@@ -27,6 +27,7 @@ from vqtool.eval import metrics as M
 from vqtool.eval.report import markdown_table, write_report
 from vqtool.eval.sources import ImageSource, prior_source, resolve_path_source, shards_source
 from vqtool.outputs import check_writable, removed_on_failure
+from vqtool.precision import autocast, resolve_precision
 from vqtool.runs import RunPaths
 
 METRICS = ("fid", "kid", "prdc", "recon", "nll")
@@ -89,6 +90,7 @@ class EvalResult:
     artifact_path: Path
     markdown: str
     seconds: float
+    precision: str = "fp32"  # what the VQ and the prior ran in (feature extractors always run fp32)
 
 
 class _Bars:
@@ -192,18 +194,22 @@ def evaluate(
     seed: int = 0,
     overwrite: bool = False,
     show_progress: bool = True,
+    precision: str = "auto",
 ) -> EvalResult:
-    """The `eval` stage. `sample` (a SampleSettings) is used when fake images are sampled on the fly."""
+    """The `eval` stage. `sample` (a SampleSettings) is used when fake images are sampled on the fly.
+
+    The VQ and the prior run in `precision` (vqtool.precision); feature extractors and LPIPS in fp32."""
     t0, c0 = time.perf_counter(), time.process_time()
     s = settings or EvalSettings()
     s.validate()
     paths = RunPaths.of(run)
     dev = resolve_device(device)
+    chosen = resolve_precision(precision, dev)
     json_path, artifact_path = _outputs(paths.eval, s.name, overwrite)
     created = check_writable(json_path)  # before any sampling or feature extraction
     cache_dir = (Path(s.cache_dir) if s.cache_dir else paths.eval) if s.cache else None
 
-    with removed_on_failure(created), _Bars(show_progress) as bars:
+    with removed_on_failure(created), _Bars(show_progress) as bars, autocast(dev, chosen):
         ev = _Eval(s=s, paths=paths, device=dev, seed=seed, bars=bars, cache_dir=cache_dir)
         wants = set(s.metrics)
         if wants & {*GENERATIVE, "recon"}:
@@ -228,11 +234,11 @@ def evaluate(
     seconds = time.perf_counter() - t0
     ev.body["seconds"] = round(seconds, 3)
     ev.body["cpu_seconds"] = round(time.process_time() - c0, 3)  # all threads; wall time depends on the load
-    settings_dict = {**to_dict(s), "device": dev.type, "seed": seed,
+    settings_dict = {**to_dict(s), "device": dev.type, "precision": chosen, "seed": seed,
                      "sample": to_dict(sample) if sample is not None and s.fake is None else None}
     report = write_report(json_path, artifact_path, ev.metrics, ev.body, settings_dict, ev.parents, ev.tensors)
     return EvalResult(metrics=ev.metrics, report=report, json_path=json_path, artifact_path=artifact_path,
-                      markdown=markdown_table(ev.metrics), seconds=seconds)
+                      markdown=markdown_table(ev.metrics), seconds=seconds, precision=chosen)
 
 
 def _generative(ev: _Eval, sample) -> None:
@@ -395,6 +401,7 @@ class NeighbourResult:
     json_path: Path
     artifact_path: Path
     seconds: float
+    precision: str = "fp32"  # what the VQ and the prior ran in (LPIPS always runs fp32)
 
 
 def _fit_size(images: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -413,8 +420,11 @@ def neighbour_check(
     device: str = "auto",
     overwrite: bool = False,
     show_progress: bool = True,
+    precision: str = "auto",
 ) -> NeighbourResult:
-    """The `neighbours` stage: nearest training images of n samples by LPIPS, and the memorisation verdict."""
+    """The `neighbours` stage: nearest training images of n samples by LPIPS, and the memorisation verdict.
+
+    Sampling and decoding run in `precision` (vqtool.precision), LPIPS in fp32."""
     from vqtool.artifacts import atomic_write_bytes
     from vqtool.eval.figures import neighbour_grid
     from vqtool.eval.neighbours import memorisation_verdict, nearest_neighbours
@@ -427,6 +437,7 @@ def neighbour_check(
     s.validate()
     paths = RunPaths.of(run)
     dev = resolve_device(device)
+    chosen = resolve_precision(precision, dev)
     shards = Path(s.shards) if s.shards else paths.shards
     vq_path = Path(s.vq) if s.vq else paths.vq
     prior_path = Path(s.prior) if s.prior else paths.prior
@@ -470,7 +481,8 @@ def neighbour_check(
             fake = prior_source(prior, vq_loaded, sample, dev, bars.fraction("sampling"))
         fake.check(s.n)
         train.check(1)
-        samples = _fit_size(torch.cat(list(fake.batches(s.n, s.batch_size))), train.image_size)
+        with autocast(dev, chosen):  # sampling and decoding; the thumbnails and LPIPS stay fp32
+            samples = _fit_size(torch.cat(list(fake.batches(s.n, s.batch_size))), train.image_size).float()
         val_images = (_fit_size(torch.cat(list(val.batches(n_val, s.batch_size))), train.image_size)
                       if n_val else samples[:0])
         queries = torch.cat([samples, val_images])
@@ -522,8 +534,8 @@ def neighbour_check(
     tensors = {"distances": d_samples, "indices": i_samples}
     if n_val:
         tensors["val_nearest"] = val_nearest
-    report = write_report(json_path, artifact_path, metrics, body, {**to_dict(s), "device": dev.type}, parents,
-                          tensors)
+    report = write_report(json_path, artifact_path, metrics, body,
+                          {**to_dict(s), "device": dev.type, "precision": chosen}, parents, tensors)
     return NeighbourResult(distances=d_samples, indices=i_samples, val_nearest=val_nearest, verdict=verdict,
                            metrics=metrics, report=report, grid_path=grid_path, json_path=json_path,
-                           artifact_path=artifact_path, seconds=seconds)
+                           artifact_path=artifact_path, seconds=seconds, precision=chosen)

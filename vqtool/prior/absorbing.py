@@ -107,7 +107,8 @@ class AbsorbingObjective:
     # -- the Objective interface --------------------------------------------------------------------
 
     def loss(self, model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor | None,
-             generator: torch.Generator, part: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             generator: torch.Generator,
+             part: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`part=(first, total)`: `tokens` are rows first.. of a global batch of `total` rows split over
         processes or micro-batches. The noise is drawn for the whole global batch and this part's rows are
         kept, so the masks do not depend on the split (the trainer gives every part the same generator)."""
@@ -133,7 +134,8 @@ class AbsorbingObjective:
             per_image = ce * ((self.T - tf + 1) / self.T) / (N * LN2)
         else:  # mlm
             per_image = ce / n_masked / LN2
-        return per_image.mean(), {"bpt": float(bound.detach().mean())}
+        # A tensor, not a float: the trainer reads a step's numbers back once, not after every micro-batch.
+        return per_image.mean(), {"bpt": bound.detach().mean()}
 
     def stratified_t(self, k: int, K: int, batch: int, generator: torch.Generator) -> torch.Tensor:
         """The k-th of K stratified draws of t per image, (B,): t = ⌊(k + u)·T/K⌋ + 1 with u ~ U[0, 1).

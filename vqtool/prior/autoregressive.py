@@ -35,8 +35,9 @@ class AutoregressiveObjective:
 
     def loss(
         self, model: Transformer, tokens: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean cross-entropy in nats over a batch (B, N); `bpt` is the same number in bits per token.
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean cross-entropy in nats over a batch (B, N); `bpt` is the same number in bits per token (a
+        0-dim tensor, read back by the trainer once per step).
 
         The generator is unused: the objective is deterministic. The model is called through
         `__call__` so a DistributedDataParallel wrapper still synchronises gradients.
@@ -44,7 +45,7 @@ class AutoregressiveObjective:
         tokens = tokens.long()
         logits = model(tokens, labels)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
-        return loss, {"bpt": loss.item() / LN2}
+        return loss, {"bpt": loss.detach() / LN2}
 
     @torch.no_grad()
     def nll(
@@ -190,7 +191,7 @@ def _sample_windows(
                     logits = model.decode_step(x, cache)
                 else:
                     logits = model.head(model.trunk(context, labels)[:, -1])
-            previous = sample_from_logits(logits, generator, temperature, top_k, top_p)
+            previous = sample_from_logits(logits.float(), generator, temperature, top_k, top_p)
             tokens[:, i, j] = previous
             cache_at = (top, left, k + 1)
             if on_token is not None:

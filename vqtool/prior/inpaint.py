@@ -164,6 +164,7 @@ class InpaintResult:
     grid: Path
     artifact: Path
     seconds: float
+    precision: str = "fp32"  # fp32 | bf16 | fp16: what the VQ and the prior ran in
 
 
 def load_image(path: Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -231,6 +232,7 @@ def inpaint_image(
     quantize: str = "none",
     overwrite: bool = False,
     progress: Progress | None = None,
+    precision: str = "auto",
 ) -> InpaintResult:
     """The `inpaint` stage: n completions of IMAGE under a mask (a PNG or a box), as PNGs.
 
@@ -242,6 +244,7 @@ def inpaint_image(
     from vqtool.artifacts import file_sha256, read_metadata
     from vqtool.device import resolve_device
     from vqtool.grids import save_grid, save_png
+    from vqtool.precision import autocast, resolve_precision
     from vqtool.prior.sample import decode, load_pair
     from vqtool.samples import save_samples
 
@@ -260,6 +263,7 @@ def inpaint_image(
     refuse_enclosing(out_dir, (prior_path, vq_path))  # IMAGE may live there (the pipeline's source.png)
     with removed_on_failure(check_writable(out_dir, folder=True)):
         dev = resolve_device(device)
+        chosen = resolve_precision(precision, dev)
         prior, vq = load_pair(prior_path, vq_path, dev)
         if quantize == "int8":
             prior = dataclasses.replace(prior, model=quantize_int8(prior.model))
@@ -272,7 +276,7 @@ def inpaint_image(
         if not bool(pixels.any()):
             raise VqtoolError("the mask covers no pixels of the cropped image; mark the region to regenerate "
                               "in white (--mask) or check the --box coordinates")
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(dev, chosen):
             tokens = vq.model.encode_to_tokens(image[None].to(dev))[0].cpu()
         masked = token_mask(pixels, tuple(tokens.shape))
         if tuple(tokens.shape) != tuple(grid):
@@ -281,12 +285,13 @@ def inpaint_image(
         labels = default_labels(prior, n, class_id)
 
         start = time.perf_counter()
-        completions = inpaint_tokens(prior, tokens, masked, n, settings, labels, progress)
+        with autocast(dev, chosen):
+            completions = inpaint_tokens(prior, tokens, masked, n, settings, labels, progress)
         seconds = time.perf_counter() - start
         schedule = make_schedule(settings.schedule, settings.order, settings.curve)
         steps_run = n_steps(schedule, tokens.numel(), settings.steps, int(masked.sum()))
 
-        decoded = decode(vq.model, torch.cat([tokens[None], completions]), settings.batch_size, dev)
+        decoded = decode(vq.model, torch.cat([tokens[None], completions]), settings.batch_size, dev, chosen)
         reconstruction, results = decoded[0], decoded[1:]
         if keep_pixels:
             results = torch.where(pixels.unsqueeze(0).unsqueeze(0), results, image.unsqueeze(0))
@@ -297,7 +302,8 @@ def inpaint_image(
         pngs = [("original.png", image), ("reconstruction.png", reconstruction), ("mask.png", shown),
                 *zip(names, results, strict=True)]
         record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
-                  "class": class_id, "device": dev.type, "box": list(box) if box is not None else None,
+                  "class": class_id, "device": dev.type, "precision": chosen,
+                  "box": list(box) if box is not None else None,
                   "mask": str(mask_path) if mask_path is not None else None, "keep_pixels": keep_pixels,
                   "masked_tokens": int(masked.sum()), "steps_run": steps_run}
         record["shape"] = list(tokens.shape)
@@ -320,4 +326,4 @@ def inpaint_image(
     paths = [out_dir / name for name in names]
     return InpaintResult(tokens=completions, masked_tokens=int(masked.sum()), steps_run=steps_run,
                          original=original_path, overlay=overlay_path, completions=paths, grid=grid_path,
-                         artifact=artifact, seconds=seconds)
+                         artifact=artifact, seconds=seconds, precision=chosen)

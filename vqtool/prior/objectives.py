@@ -18,11 +18,12 @@ class Objective(Protocol):
 
     def loss(
         self, model: Transformer, tokens: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss for a batch of flattened tokens (B, N) int64.
 
-        Returns the scalar to minimise and floats to log; the dict always holds `bpt`, this batch's
-        estimate of the negative log-likelihood bound in bits per token, whatever the loss is.
+        Returns the scalar to minimise and detached 0-dim tensors to log (read back once per step, not
+        per batch: that would wait for the GPU); the dict always holds `bpt`, this batch's estimate of
+        the negative log-likelihood bound in bits per token, whatever the loss is.
         """
 
     def nll(

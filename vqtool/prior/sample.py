@@ -96,17 +96,17 @@ def hidden_at(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor | N
 
 
 class TransformerPredictor:
-    """`predict(tokens, positions)` of an absorbing prior on its training grid, head only where asked."""
+    """`predict(tokens, positions)` of an absorbing prior on its training grid, head only where asked.
+
+    It runs in the caller's precision, as the autoregressive sampler does (the stage's autocast region,
+    vqtool.precision), and hands fp32 logits to the sampler."""
 
     def __init__(self, model: Transformer, labels: torch.Tensor | None = None):
         self.model = model
         self.labels = labels
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        from vqtool.device import autocast
-
-        with autocast(tokens.device):
-            return self.model.head(hidden_at(self.model, tokens, self.labels, positions)).float()
+        return self.model.head(hidden_at(self.model, tokens, self.labels, positions)).float()
 
 
 def make_predictor(model: Transformer, labels: torch.Tensor | None, shape: tuple[int, int],
@@ -216,7 +216,8 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings, labels: 
 
     `labels` (n,) are class ids for a class-conditional prior (None: unconditional, or the prior's
     prefix start token). Randomness comes only from a generator seeded with `settings.seed`, so the
-    same settings (batch size included) give the same tokens.
+    same settings (batch size included) give the same tokens. Both priors run in the caller's precision:
+    fp32, or the autocast region a stage opens (vqtool.precision); logits are sampled in fp32.
     """
     if n < 1:
         raise VqtoolError(f"--n must be at least 1 (got {n})")
@@ -311,6 +312,7 @@ class SampleResult:
     seconds: float  # time spent drawing tokens
     decode_seconds: float
     prior_kind: str = "absorbing"
+    precision: str = "fp32"  # fp32 | bf16 | fp16: what the prior and the decoder ran in
 
     @property
     def images_per_second(self) -> float:
@@ -340,10 +342,13 @@ def load_pair(prior_path: Path, vq_path: Path, device: torch.device):
     return prior, vq
 
 
-def decode(vq_model, tokens: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Token grids (n, h, w) → images (n, 3, S, S) in [-1, 1] on CPU, a batch at a time."""
+def decode(vq_model, tokens: torch.Tensor, batch_size: int, device: torch.device,
+           precision: str = "fp32") -> torch.Tensor:
+    """Token grids (n, h, w) → images (n, 3, S, S) in [-1, 1] (fp32) on CPU, a batch at a time."""
+    from vqtool.precision import autocast
+
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         for start in range(0, len(tokens), batch_size):
             out.append(vq_model.decode_tokens(tokens[start:start + batch_size].to(device)).float().cpu())
     return torch.cat(out)
@@ -361,16 +366,19 @@ def sample_images(
     overwrite: bool = False,
     progress: Progress | None = None,
     grid_max: int = 64,
+    precision: str = "auto",
 ) -> SampleResult:
     """The `sample` stage: n images from the prior through the VQ decoder, as PNGs + samples.safetensors.
 
     Writes out_dir/sample-NNNN.png, out_dir/grid.png (the first `grid_max` images) and
     out_dir/samples.safetensors. They are written into a staging folder beside out_dir that replaces
     it at the end, so a run that fails (a full disk, Ctrl-C) leaves the previous outputs intact.
-    Files in an old out_dir that `sample` does not write are carried over.
+    Files in an old out_dir that `sample` does not write are carried over. Both priors and the decoder
+    run in `precision` (vqtool.precision; int8 quantization runs fp32 on CPU).
     """
     from vqtool.device import resolve_device
     from vqtool.grids import save_grid, save_png
+    from vqtool.precision import autocast, resolve_precision
     from vqtool.samples import save_samples
 
     out_dir = Path(out_dir)
@@ -384,6 +392,7 @@ def sample_images(
     refuse_enclosing(out_dir, (prior_path, vq_path))
     with removed_on_failure(check_writable(out_dir, folder=True)):
         dev = resolve_device(device)
+        chosen = resolve_precision(precision, dev)
         prior, vq = load_pair(prior_path, vq_path, dev)
         check_settings(settings, prior)
         if quantize == "int8":
@@ -392,7 +401,8 @@ def sample_images(
         labels = default_labels(prior, n, class_id)
 
         start = time.perf_counter()
-        tokens = sample_tokens(prior, n, settings, labels, progress)
+        with autocast(dev, chosen):
+            tokens = sample_tokens(prior, n, settings, labels, progress)
         seconds = time.perf_counter() - start
 
         digits = max(4, len(str(n - 1)))
@@ -402,7 +412,8 @@ def sample_images(
             shown = []
             start = time.perf_counter()
             for first in range(0, n, settings.batch_size):  # a batch at a time: memory does not grow with --n
-                images = decode(vq.model, tokens[first:first + settings.batch_size], settings.batch_size, dev)
+                images = decode(vq.model, tokens[first:first + settings.batch_size], settings.batch_size, dev,
+                                chosen)
                 for name, image in zip(names[first:first + len(images)], images, strict=True):
                     with naming(out_dir / name):
                         save_png(image, staging / name)
@@ -411,7 +422,7 @@ def sample_images(
             with naming(out_dir / "grid.png"):
                 save_grid(torch.stack(shown), staging / "grid.png", nrow=max(1, math.ceil(math.sqrt(len(shown)))))
             record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
-                      "class": class_id, "device": dev.type}
+                      "class": class_id, "device": dev.type, "precision": chosen}
             record["shape"] = list(tokens.shape[1:])
             with naming(artifact):
                 save_samples(staging / artifact.name, tokens, labels, record,
@@ -421,4 +432,4 @@ def sample_images(
                                     "classes": list(prior.artifact.extra.get("classes", []))})
     paths = [out_dir / name for name in names]
     return SampleResult(tokens=tokens, labels=labels, images=paths, grid=out_dir / "grid.png", artifact=artifact,
-                        seconds=seconds, decode_seconds=decode_seconds, prior_kind=prior.kind)
+                        seconds=seconds, decode_seconds=decode_seconds, prior_kind=prior.kind, precision=chosen)

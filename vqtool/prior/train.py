@@ -41,7 +41,7 @@ import torch
 from vqtool.artifacts import file_sha256, load_artifact, load_prefixed_weights, read_metadata
 from vqtool.config import from_dict, to_dict
 from vqtool.console import console
-from vqtool.device import autocast, resolve_device
+from vqtool.device import resolve_device
 from vqtool.distributed import (
     ProcessInfo,
     all_reduce_mean,
@@ -56,10 +56,11 @@ from vqtool.distributed import (
 from vqtool.errors import VqtoolError
 from vqtool.finetune import chosen_settings, find_init, start_weights
 from vqtool.latents import Latents, load_latents
+from vqtool.precision import PRECISIONS, autocast, grad_scaler, resolve_precision, switch_note
 from vqtool.prior.objectives import make_objective
 from vqtool.prior.store import PRIOR_KINDS, save_prior
 from vqtool.prior.transformer import Transformer, TransformerConfig
-from vqtool.training import EMA, LoopSettings, run_loop, seed_global_rng
+from vqtool.training import EMA, LoopSettings, read_scalars, run_loop, seed_global_rng
 
 STAGE = "train-prior"
 
@@ -97,6 +98,7 @@ class TrainPriorConfig(LoopSettings):
     patience: int | None = None  # stop after this many evaluations without a better val bound
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (vqtool.precision)
     threads: int | None = None  # torch CPU threads (None: torch's default)
     compile: bool = False  # torch.compile the transformer blocks
 
@@ -144,6 +146,8 @@ def check_config(cfg: TrainPriorConfig) -> None:
         raise VqtoolError(f"patience must be at least 1 or null (got {cfg.patience})")
     if cfg.threads is not None and cfg.threads < 1:
         raise VqtoolError(f"--threads must be at least 1 (got {cfg.threads})")
+    if cfg.precision not in PRECISIONS:
+        raise VqtoolError(f"--precision must be one of {', '.join(PRECISIONS)} (got {cfg.precision!r})")
 
 
 def objective_settings(cfg: TrainPriorConfig) -> dict[str, Any]:
@@ -209,6 +213,11 @@ class BatchSampler:
         self.micro = 0  # micro-batches of the current step handed out
 
     def next(self) -> torch.Tensor:
+        start, stop = self.next_range()
+        return self.perm[start:stop]
+
+    def next_range(self) -> tuple[int, int]:
+        """This rank's rows of the next micro-batch as a range of `perm` (which may be a new epoch's)."""
         micro_rows = self.batch_size * self.world_size
         step_rows = micro_rows * self.grad_accum
         if self.micro == 0 and self.cursor + step_rows > self.perm.numel():
@@ -222,7 +231,7 @@ class BatchSampler:
         if self.micro == self.grad_accum:
             self.micro = 0
             self.cursor += step_rows
-        return self.perm[start:start + self.batch_size]
+        return start, start + self.batch_size
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "perm": self.perm, "cursor": self.cursor,
@@ -275,8 +284,10 @@ class PriorTrainTask:
     checkpoint_kind = "prior-checkpoint"
 
     def __init__(self, cfg: TrainPriorConfig, latents: Latents, latents_sha: str, out: Path,
-                 device: torch.device, proc: ProcessInfo | None = None, init: PriorInit | None = None):
+                 device: torch.device, proc: ProcessInfo | None = None, init: PriorInit | None = None,
+                 precision: str = "fp32"):
         self.cfg = cfg
+        self.precision = precision  # resolved (vqtool.precision): fp32, bf16 or fp16
         self.init = init
         self.out = out
         self.device = device
@@ -327,8 +338,7 @@ class PriorTrainTask:
         self.eval_model = copy.deepcopy(self.model).eval()
         self.optimizer = _adamw(list(self.model.named_parameters()), cfg, device)
         self.ema = EMA(self.model, cfg.ema_decay)
-        fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.scaler = grad_scaler(precision)
         self.sampler = BatchSampler(train.tokens.shape[0], cfg.batch_size, derived_seed(cfg.seed, "data"),
                                     self.proc.rank, self.proc.world_size, cfg.grad_accum)
         # The masks of a whole step are drawn on every rank alike (rank 0's stream of a single process),
@@ -345,6 +355,15 @@ class PriorTrainTask:
                 block.compile()
         # The forward/backward model: DDP averages gradients over the ranks (itself in one process).
         self.train_model = wrap_ddp(self.model, device)
+        self._perm: tuple[torch.Tensor, torch.Tensor] | None = None  # the sampler's permutation, on the device
+
+    def _next_indices(self) -> torch.Tensor:
+        """This rank's rows of the next micro-batch, on the device: the epoch's permutation is copied there
+        once, so a micro-batch costs no host-to-device copy (which would wait for the GPU)."""
+        start, stop = self.sampler.next_range()
+        if self._perm is None or self._perm[0] is not self.sampler.perm:
+            self._perm = (self.sampler.perm, self.sampler.perm.to(self.device))
+        return self._perm[1][start:stop]
 
     # -- the TrainTask protocol ---------------------------------------------------------------------
 
@@ -360,9 +379,9 @@ class PriorTrainTask:
         step_rows = cfg.batch_size * world * accum
         split_noise = self.objective.kind == "absorbing" and step_rows > cfg.batch_size
         noise_start = self.noise.get_state() if split_noise else None
-        totals = torch.zeros(2, dtype=torch.float64)  # loss, bpt summed over micro-batches
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, bpt summed over micro-batches
         for k in range(accum):
-            idx = self.sampler.next().to(self.device)
+            idx = self._next_indices()
             tokens = self.train_tokens[idx].long().reshape(idx.shape[0], -1)
             labels = self.train_labels[idx] if self.use_labels else None
             kwargs = {}
@@ -370,27 +389,31 @@ class PriorTrainTask:
                 # Every micro-batch draws the step's masks afresh and keeps its own rows (see the module doc).
                 self.noise.set_state(noise_start)
                 kwargs["part"] = ((k * world + rank) * cfg.batch_size, step_rows)
-            with no_sync(self.train_model, skip=k < accum - 1), autocast(self.device):
-                loss, metrics = self.objective.loss(self.train_model, tokens, labels, self.noise, **kwargs)
-                # Agreed by all ranks, so a non-finite loss anywhere stops every rank before its backward.
-                value = float(all_reduce_mean(loss.detach().double().reshape(1)))
-                if not math.isfinite(value):
-                    return {"loss": value, **metrics}  # the loop stops the run before anything is saved
+            with no_sync(self.train_model, skip=k < accum - 1):
+                # Forward and loss under autocast, the backward outside it (vqtool.precision).
+                with autocast(self.device, self.precision):
+                    loss, metrics = self.objective.loss(self.train_model, tokens, labels, self.noise, **kwargs)
                 self.scaler.scale(loss / accum).backward()
-            totals += torch.tensor([value, metrics["bpt"]], dtype=torch.float64)
+            sums += torch.stack([loss.detach().double(), metrics["bpt"].double()])
             self.session_tokens += tokens.numel()
-        totals /= accum
-        out = {"loss": float(totals[0]), "bpt": float(totals[1]), "lr": lr}
+        # One collective and one read-back per step, not per micro-batch. The mean over the ranks is NaN on
+        # every rank when it is on one, so all of them stop here before the optimizer step (each ran all its
+        # backward passes: none is left waiting in DDP's gradient all-reduce).
+        loss_value, bpt_value = (all_reduce_mean(sums) / accum).tolist()
+        if not math.isfinite(loss_value):
+            self.step += 1  # the step that failed, as the loop's message names it; nothing is saved after it
+            return {"loss": loss_value, "bpt": bpt_value}
+        out: dict[str, torch.Tensor | float] = {"loss": loss_value, "bpt": bpt_value, "lr": lr}
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            out["grad_norm"] = float(norm)
+            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
         # EMA warm-up: early on the average would be mostly the random initialisation.
         self.ema.decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
         self.ema.update(self.model)
+        out = read_scalars(out)
         self.session_seconds += time.perf_counter() - started
         return out
 
@@ -417,7 +440,7 @@ class PriorTrainTask:
                 labels = self.val_labels[part].to(self.device) if self.use_labels else None
                 generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.cfg.seed, "val", chunk))
                 kwargs = {"part": (first, rows)} if self.val_objective.kind == "absorbing" else {}
-                with autocast(self.device):
+                with autocast(self.device, self.precision):
                     bpt = self.val_objective.nll(model, tokens, labels, generator, **kwargs)
                 sums += torch.tensor([float(bpt.double().sum()), tokens.shape[0]], dtype=torch.float64)
         sums = all_reduce_sum(sums)
@@ -453,13 +476,17 @@ class PriorTrainTask:
             "best": {"bpt": self.best_bpt, "step": self.best_step, "since": self.evals_since_best},
             "finished": self.finished,
             "layout": {"world_size": self.proc.world_size, "grad_accum": self.cfg.grad_accum},
+            "precision": self.precision,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
-        if state["scaler"]:
+        switch = switch_note(state.get("precision"), self.precision)
+        if switch and self.proc.is_main:
+            console.print(f"[yellow]note:[/yellow] {switch}")
+        if state["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.noise.set_state(state["noise"])
@@ -508,6 +535,7 @@ class PriorTrainTask:
             "classes": self.classes,
             "image_size": self.image_size,
             "train": to_dict(self.cfg),
+            "precision": self.precision,  # what the last session trained in; the weights are fp32
         }
         save_prior(self.out, self.cfg.prior, self.model_cfg, self.objective.settings(), self.ema.shadow,
                    self.model.state_dict(), self.parents, extra)
@@ -532,6 +560,7 @@ class TrainPriorResult:
     checkpoint: Path
     log: Path
     kind: str  # absorbing | autoregressive (an init prior's kind, when fine-tuning)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: what this session trained in
     init: Path | None = None  # the init artifact, when it was named
     init_sha256: str | None = None  # set for every run started from an init artifact
     stopped_by: signal.Signals | None = None  # SIGINT or SIGTERM, for an interrupted run
@@ -649,18 +678,20 @@ def train_prior(
                               "(--out) so the init artifact stays")
         cfg = fine_tune_settings(start_from, cfg, given)
     check_config(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     if not latents_path.exists():
         raise VqtoolError(f"{latents_path}: no latents here; run `vqtool encode` first (or pass --latents)")
     if out.exists() and not resume and not overwrite:
         raise VqtoolError(f"{out} exists; pass --resume to continue its run or --overwrite to start again")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
     latents = load_latents(latents_path)
     if start_from is not None:
         check_latents_fit(start_from, latents, latents_path)
     with distributed_session(device) as proc:
-        task = PriorTrainTask(cfg, latents, file_sha256(latents_path), out, device, proc, init=start_from)
+        task = PriorTrainTask(cfg, latents, file_sha256(latents_path), out, device, proc, init=start_from,
+                              precision=precision)
         if task.val_tokens is None and proc.is_main:
             console.print(f"[yellow]warning:[/yellow] {latents_path} has no val split: no validation bound, "
                           "the prior will be the last weights")
@@ -677,6 +708,6 @@ def train_prior(
         tokens_per_second=(task.session_tokens * task.proc.world_size / task.session_seconds
                            if task.session_seconds > 0 else 0.0),
         params=sum(p.numel() for p in task.model.parameters()), prior=out, checkpoint=checkpoint,
-        log=Path(log), kind=cfg.prior, init=start_from.path if start_from else None,
+        log=Path(log), kind=cfg.prior, precision=precision, init=start_from.path if start_from else None,
         init_sha256=start_from.sha256 if start_from else None, stopped_by=result.stopped_by,
     )

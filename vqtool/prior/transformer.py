@@ -204,10 +204,16 @@ class Transformer(nn.Module):
     # -- incremental decoding (causal only) ---------------------------------------------------------
 
     def new_cache(self, batch: int, device: torch.device | None = None) -> KVCache:
+        """An empty cache in the dtype attention computes keys and values in: the autocast dtype of the
+        caller's region (vqtool.precision), else the parameters'. Storing bf16 keys in an fp32 cache would
+        mix precisions between the cached and the recomputed path."""
+        from vqtool.precision import active_dtype
+
         cfg = self.cfg
         p = next(self.parameters())
+        device = device or p.device
         return KVCache(cfg.n_layer, batch, cfg.n_head, cfg.n_tokens + 1, cfg.n_embd // cfg.n_head,
-                       device or p.device, p.dtype)
+                       device, active_dtype(torch.device(device), p.dtype))
 
     def decode_step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed embeddings `x` (B, L, d) at the cache's next positions; return logits of the last."""

@@ -1,5 +1,5 @@
 """Stage functions that use a trained VQ: encode (shards → latents), reconstruct (images → PNGs),
-decode (latents or samples artifact → PNGs)."""
+decode (latents or samples artifact → PNGs). Each runs the VQ in its `precision` (vqtool.precision)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from vqtool.artifacts import load_artifact, read_metadata, require_parent
 from vqtool.console import console, progress
 from vqtool.data.loader import ShardLoader
 from vqtool.data.manifest import manifest_sha256, read_manifest
-from vqtool.device import autocast, resolve_device
+from vqtool.device import resolve_device
 from vqtool.errors import VqtoolError
 from vqtool.grids import make_grid, save_png
 from vqtool.latents import Latents, Split, save_latents
 from vqtool.outputs import check_writable, removed_on_failure
+from vqtool.precision import autocast, resolve_precision
 from vqtool.runs import RunPaths
 from vqtool.vq.store import LoadedVQ, load_vq
 
@@ -38,6 +39,7 @@ class EncodeResult:
     seconds: float
     vq_sha256: str
     usage: dict[str, float] = field(default_factory=dict)  # fraction of codes used per split
+    precision: str = "fp32"  # fp32 | bf16 | fp16: what the encoder ran in
 
     @property
     def images_per_s(self) -> float:
@@ -53,6 +55,7 @@ def encode_dataset(
     device: str = "auto",
     overwrite: bool = False,
     weights: str = "ema",
+    precision: str = "auto",
 ) -> EncodeResult:
     """Encode the train and val splits of the shards into token grids → latents.safetensors.
 
@@ -66,6 +69,7 @@ def encode_dataset(
     if batch_size < 1:
         raise VqtoolError(f"--batch-size {batch_size}: must be at least 1")
     dev = resolve_device(device)
+    chosen = resolve_precision(precision, dev)
     vq = load_vq(vq_path, dev, weights)
     manifest = read_manifest(shards)
     parents = {"vq": vq.sha256, "dataset": manifest_sha256(shards)}
@@ -80,7 +84,8 @@ def encode_dataset(
         if existing.kind == "latents" and all(existing.parents.get(k) == v for k, v in parents.items()):
             t = existing.extra.get("_tensors", {})
             counts = {s: int(t[f"{s}.tokens"]["shape"][0]) for s in ("train", "val") if f"{s}.tokens" in t}
-            return EncodeResult(output, True, counts, latent_shape, vq.model.codebook_size, 0.0, vq.sha256)
+            return EncodeResult(output, True, counts, latent_shape, vq.model.codebook_size, 0.0, vq.sha256,
+                                precision=chosen)
         if existing.kind != "latents":
             raise VqtoolError(f"{output} exists and is a {existing.kind!r} artifact; pass --overwrite to replace it")
         what = "a different VQ" if existing.parents.get("vq") != parents["vq"] else "different shards"
@@ -90,16 +95,17 @@ def encode_dataset(
         )
 
     with removed_on_failure(check_writable(output)):  # before minutes of encoding, not after
-        splits, usage, seconds = _encode_splits(vq, shards, manifest, batch_size, dev)
+        splits, usage, seconds = _encode_splits(vq, shards, manifest, batch_size, dev, chosen)
         latents = Latents(splits=splits, codebook_size=vq.model.codebook_size, latent_shape=latent_shape,
                           image_size=image_size, classes=list(manifest.get("classes", [])))
         save_latents(output, latents, parents=parents, config_extra={"vq_weights": weights})
     counts = {s: int(v.tokens.shape[0]) for s, v in splits.items()}
-    return EncodeResult(output, False, counts, latent_shape, vq.model.codebook_size, seconds, vq.sha256, usage)
+    return EncodeResult(output, False, counts, latent_shape, vq.model.codebook_size, seconds, vq.sha256, usage,
+                        chosen)
 
 
-def _encode_splits(vq: LoadedVQ, shards: Path, manifest: dict, batch_size: int,
-                   dev: torch.device) -> tuple[dict[str, Split], dict[str, float], float]:
+def _encode_splits(vq: LoadedVQ, shards: Path, manifest: dict, batch_size: int, dev: torch.device,
+                   precision: str) -> tuple[dict[str, Split], dict[str, float], float]:
     """Token grids of every non-empty split, the fraction of codes each uses, and the seconds taken."""
     splits: dict[str, Split] = {}
     usage: dict[str, float] = {}
@@ -110,10 +116,10 @@ def _encode_splits(vq: LoadedVQ, shards: Path, manifest: dict, batch_size: int,
         for split, total in totals.items():
             if total == 0:
                 continue
-            loader = ShardLoader(shards, split, batch_size=batch_size, infinite=False)
+            loader = ShardLoader(shards, split, batch_size=batch_size, infinite=False, pin_memory=dev.type == "cuda")
             tokens, labels = [], []
             for images, y in loader:
-                tokens.append(_encode_batch(vq, images, dev))
+                tokens.append(_encode_batch(vq, images, dev, precision))
                 if y is not None:
                     labels.append(y)
                 bar.update(job, advance=images.shape[0], status=split)
@@ -124,9 +130,9 @@ def _encode_splits(vq: LoadedVQ, shards: Path, manifest: dict, batch_size: int,
 
 
 @torch.no_grad()
-def _encode_batch(vq: LoadedVQ, images: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    with autocast(dev):
-        return vq.model.encode_to_tokens(images.to(dev)).cpu()
+def _encode_batch(vq: LoadedVQ, images: torch.Tensor, dev: torch.device, precision: str) -> torch.Tensor:
+    with autocast(dev, precision):
+        return vq.model.encode_to_tokens(images.to(dev, non_blocking=True)).cpu()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,6 +146,7 @@ class ReconstructResult:
     grid: Path
     psnr: float  # mean over the images, dB
     count: int
+    precision: str = "fp32"  # fp32 | bf16 | fp16: what the VQ ran in
 
 
 def _collect_images(inputs: list[str | Path]) -> list[Path]:
@@ -189,6 +196,7 @@ def reconstruct_images(
     batch_size: int = 32,
     device: str = "auto",
     weights: str = "ema",
+    precision: str = "auto",
 ) -> ReconstructResult:
     """Images (files or folders) → centre-cropped to the VQ's size → encode → decode → PNGs + a grid."""
     paths = RunPaths.of(run)
@@ -197,6 +205,7 @@ def reconstruct_images(
     files = _collect_images(inputs)
     check_writable(out_dir, folder=True)
     dev = resolve_device(device)
+    chosen = resolve_precision(precision, dev)
     vq = load_vq(vq_path, dev, weights)
     size = vq.image_size
     names = _unique_names(files)
@@ -205,7 +214,7 @@ def reconstruct_images(
         job = bar.add_task("reconstruct", total=len(files), status="")
         for i in range(0, len(files), batch_size):
             x = torch.stack([_load_image(f, size) for f in files[i:i + batch_size]])
-            with torch.no_grad(), autocast(dev):
+            with torch.no_grad(), autocast(dev, chosen):
                 y = vq.model.decode_tokens(vq.model.encode_to_tokens(x.to(dev))).float().cpu()
             for j in range(x.shape[0]):
                 save_png(y[j], out_dir / names[i + j])
@@ -217,7 +226,8 @@ def reconstruct_images(
     n_grid = min(len(files), 16)
     grid = out_dir / "comparison.png"
     save_png(make_grid(torch.cat([torch.cat(originals)[:n_grid], torch.cat(recons)[:n_grid]]), nrow=n_grid), grid)
-    return ReconstructResult(out_dir, [out_dir / n for n in names], grid, float(torch.cat(psnrs).mean()), len(files))
+    return ReconstructResult(out_dir, [out_dir / n for n in names], grid, float(torch.cat(psnrs).mean()), len(files),
+                             chosen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,6 +241,7 @@ class DecodeResult:
     grid: Path
     source: Path
     kind: str
+    precision: str = "fp32"  # fp32 | bf16 | fp16: what the decoder ran in
 
 
 def _tokens_of(art, path: Path, split: str) -> torch.Tensor:
@@ -256,6 +267,7 @@ def decode_artifact(
     batch_size: int = 64,
     device: str = "auto",
     weights: str = "ema",
+    precision: str = "auto",
 ) -> DecodeResult:
     """Token grids of a latents or samples artifact → PNG images (one per grid) and a grid PNG."""
     paths = RunPaths.of(run)
@@ -268,6 +280,7 @@ def decode_artifact(
         raise VqtoolError(f"--limit {limit}: must be at least 1")
     check_writable(out_dir, folder=True)
     dev = resolve_device(device)
+    chosen = resolve_precision(precision, dev)
     art = load_artifact(source, ("latents", "samples"))
     vq = load_vq(vq_path, dev, weights)
     require_parent(art, "vq", vq_path)
@@ -282,7 +295,7 @@ def decode_artifact(
     with progress() as bar:
         job = bar.add_task("decode", total=tokens.shape[0], status="")
         for i in range(0, tokens.shape[0], batch_size):
-            with torch.no_grad(), autocast(dev):
+            with torch.no_grad(), autocast(dev, chosen):
                 y = vq.model.decode_tokens(tokens[i:i + batch_size].to(dev)).float().cpu()
             for j in range(y.shape[0]):
                 f = out_dir / f"{stem}-{i + j:06d}.png"
@@ -295,4 +308,4 @@ def decode_artifact(
     grid = out_dir / "grid.png"
     if images:
         save_png(make_grid(torch.cat(images)[:64], nrow=8), grid)
-    return DecodeResult(out_dir, files, grid, source, art.kind)
+    return DecodeResult(out_dir, files, grid, source, art.kind, chosen)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqtool.precision import full_precision
 from vqtool.vq.quantize import QuantizerOutput, VectorQuantizer
 
 
@@ -278,7 +279,7 @@ class VQModel(nn.Module):
         """Images (B, 3, S, S) in [-1, 1] → code indices (B, h, w) int64."""
         z = self.encode(images)
         b, d, h, w = z.shape
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with full_precision(z.device):
             flat = self.quantizer._prepare(z.float().permute(0, 2, 3, 1).reshape(-1, d))
             return self.quantizer.nearest(flat).reshape(b, h, w)
 

@@ -12,9 +12,11 @@ paper reports this as severe). Three remedies are built in, each optional:
 
 The k-means and restart steps draw randomness from an explicit generator passed in by the trainer.
 
-Under DDP the usage counts of a training forward are summed over the ranks before they enter the
-running usage, so every rank holds the same usage and agrees on which codes are dead (the trainer
-gathers the encoder outputs and broadcasts rank 0's k-means and restarts).
+The running usage is updated by the trainer (`update_usage`), not by `forward`: a forward runs no
+collective, so a forward on some ranks only (an extra evaluation batch) cannot hang a multi-process
+run. Under DDP the trainer sums each micro-batch's counts over the ranks in one explicit all-reduce per
+step, so every rank holds the same usage and agrees on which codes are dead (it also gathers the
+encoder outputs and broadcasts rank 0's k-means and restarts).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqtool.distributed import all_reduce_sum
+from vqtool.precision import full_precision
 
 
 @dataclass
@@ -85,7 +87,7 @@ class VectorQuantizer(nn.Module):
         if d != self.code_dim:
             raise ValueError(f"quantizer expects {self.code_dim} channels, got {d}")
         # The lookup and its losses in fp32 even under autocast: distances need the precision.
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with full_precision(z.device):
             flat = self._prepare(z.float().permute(0, 2, 3, 1).reshape(-1, d))
             indices = self.nearest(flat.detach())
             q = self.codebook()[indices]
@@ -93,8 +95,6 @@ class VectorQuantizer(nn.Module):
             commitment_loss = F.mse_loss(flat, q.detach())
             loss = codebook_loss + self.beta * commitment_loss
             q_st = flat + (q - flat).detach()  # straight-through: forward uses q, gradient flows to z
-            if self.training:
-                self._update_usage(indices)
         z_q = q_st.reshape(b, h, w, d).permute(0, 3, 1, 2).contiguous()
         return QuantizerOutput(z_q=z_q, loss=loss, indices=indices.reshape(b, h, w), vectors=flat.detach())
 
@@ -107,11 +107,17 @@ class VectorQuantizer(nn.Module):
     # Collapse remedies
 
     @torch.no_grad()
-    def _update_usage(self, indices: torch.Tensor) -> None:
-        # Summed over the ranks of a multi-process run: the global batch's usage, identical on every rank.
-        counts = all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size).float())
-        share = counts / counts.sum().clamp(min=1)
-        self.usage.mul_(self.usage_decay).add_(share, alpha=1 - self.usage_decay)
+    def code_counts(self, indices: torch.Tensor) -> torch.Tensor:
+        """Lookups per code, (K,) float32, of a batch's `indices` (any shape)."""
+        return torch.bincount(indices.flatten(), minlength=self.codebook_size).float()
+
+    @torch.no_grad()
+    def update_usage(self, counts: torch.Tensor) -> None:
+        """Move the running usage towards the shares of `counts` (K,): one batch's lookups per code, the
+        global batch's in a multi-process run. (K,) rows of a (M, K) tensor are applied in order."""
+        for row in counts.reshape(-1, self.codebook_size):
+            share = row / row.sum().clamp(min=1)
+            self.usage.mul_(self.usage_decay).add_(share.to(self.usage.dtype), alpha=1 - self.usage_decay)
 
     @torch.no_grad()
     def init_kmeans(self, vectors: torch.Tensor, generator: torch.Generator, iters: int = 10) -> None:

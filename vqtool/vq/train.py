@@ -45,11 +45,12 @@ from vqtool.config import to_dict
 from vqtool.console import console
 from vqtool.data.loader import ShardLoader
 from vqtool.data.manifest import manifest_sha256, read_manifest
-from vqtool.device import autocast, resolve_device
+from vqtool.device import resolve_device
 from vqtool.distributed import (
     ProcessInfo,
     all_gather_rows,
     all_reduce_mean,
+    all_reduce_sum,
     distributed_session,
     global_batchnorm,
     layout_change_note,
@@ -60,8 +61,9 @@ from vqtool.distributed import (
 from vqtool.errors import VqtoolError
 from vqtool.finetune import chosen_settings, find_init, start_weights
 from vqtool.grids import make_grid, save_png
+from vqtool.precision import autocast, grad_scaler, resolve_precision, switch_note
 from vqtool.runs import RunPaths
-from vqtool.training import EMA, LoopResult, LoopSettings, run_loop, seed_global_rng
+from vqtool.training import EMA, LoopResult, LoopSettings, read_scalars, run_loop, seed_global_rng
 from vqtool.vq.diffaug import POLICIES, diff_augment
 from vqtool.vq.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from vqtool.vq.model import VQConfig, VQModel
@@ -100,7 +102,6 @@ class TrainVQConfig(LoopSettings):
     flip: bool = False
     shuffle_buffer: int = 1000
     num_workers: int = 0
-    amp: bool = True  # mixed precision on CUDA only; CPU always runs fp32
     channels_last: bool = True  # NHWC activations: ~1.7x faster convolutions on CPU (oneDNN)
     eval_images: int = 1000  # validation images per evaluation (0 = the whole split)
     grid_images: int = 8
@@ -162,6 +163,7 @@ class TrainVQResult:
     val: dict[str, float]
     grid: Path | None
     device: str
+    precision: str = "fp32"  # fp32 | bf16 | fp16: what this session trained in
     init: Path | None = None  # the init artifact, when it was named
     init_sha256: str | None = None  # set for every run started from an init artifact
     stopped_by: signal.Signals | None = None  # SIGINT or SIGTERM, for an interrupted run
@@ -188,6 +190,7 @@ class VQTrainer:
         device: torch.device | None = None,
         proc: ProcessInfo | None = None,
         init: VQInit | None = None,
+        precision: str = "fp32",
     ):
         cfg.validate()
         self.cfg = cfg
@@ -195,6 +198,7 @@ class VQTrainer:
         self.seed = seed
         self.proc = proc or ProcessInfo()
         self.device = device or torch.device("cpu")
+        self.precision = precision  # resolved (vqtool.precision): fp32, bf16 or fp16
         self.shards = Path(shards)
         self.output = Path(output)
         self.figures = Path(figures)
@@ -235,7 +239,7 @@ class VQTrainer:
         self.loader = ShardLoader(
             self.shards, "train", batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, flip=cfg.flip,
             infinite=True, seed=seed, rank=self.proc.rank, world_size=self.proc.world_size,
-            num_workers=cfg.num_workers,
+            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
         )
         self._batches = None
 
@@ -263,8 +267,7 @@ class VQTrainer:
         self.eval_model.requires_grad_(False)
         # DiffAugment, k-means and restarts draw from here; per rank so ranks augment differently.
         self.generator = torch.Generator().manual_seed(seed * 1000 + 17 + self.proc.rank)
-        fp16 = self.device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.scaler = grad_scaler(precision)
         self.last_eval: dict[str, float] = {}
         self.last_eval_step = -1
         self.last_grid: Path | None = None
@@ -296,6 +299,7 @@ class VQTrainer:
             "loader": self.loader.state_dict(),
             "generator": self.generator.get_state(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "precision": self.precision,
             "layout": {"world_size": self.proc.world_size, "grad_accum": self.cfg.grad_accum},
         }
 
@@ -318,6 +322,9 @@ class VQTrainer:
             console.print(f"[yellow]note:[/yellow] {note}")
         self._batches = None
         self.generator.set_state(state["generator"])
+        switch = switch_note(state.get("precision"), self.precision)
+        if switch and self.proc.is_main:
+            console.print(f"[yellow]note:[/yellow] {switch}")
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -350,54 +357,60 @@ class VQTrainer:
         accum = cfg.grad_accum
         # Under DDP the adaptive weight balances the global batch's gradients, not one rank's.
         grad_reduce = all_reduce_mean if self.proc.distributed else None
-        metrics: dict[str, float] = {}  # averaged over the micro-batches
+        # Averaged over the micro-batches as tensors on the device, read back once at the end of the step.
+        metrics: dict[str, torch.Tensor] = {}
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images, reconstructions) for the discriminator
         vectors: list[torch.Tensor] = []  # lookup-space encoder outputs, for restarts
+        counts: list[torch.Tensor] = []  # code lookups per micro-batch, for the running usage
 
         self.opt_ae.zero_grad(set_to_none=True)
         for k in range(accum):
             x = self._next_batch()
             # Micro-batches before the last accumulate locally; the last one's backward averages over ranks.
+            # Forward passes and losses under autocast, every backward outside it (vqtool.precision).
             with no_sync(self.train_model, skip=k < accum - 1):
-                with autocast(self.device, cfg.amp):
+                with autocast(self.device, self.precision):
                     out = self.train_model(x)
                 recon = out.recon.float()
                 l1 = (x - recon).abs().mean()
                 rec_loss = l1
-                micro: dict[str, float] = {}
+                micro: dict[str, torch.Tensor] = {}
                 if self.perceptual is not None:
-                    with autocast(self.device, cfg.amp):
+                    with autocast(self.device, self.precision):
                         p_loss = self.perceptual(recon, x).float()
                     rec_loss = rec_loss + cfg.perceptual_weight * p_loss
-                    micro["lpips"] = p_loss.item()
+                    micro["lpips"] = p_loss
                 loss = rec_loss + cfg.codebook_weight * out.q_loss
                 if disc_on:
-                    with autocast(self.device, cfg.amp):
+                    with autocast(self.device, self.precision):
                         g_loss = hinge_g_loss(self.disc(diff_augment(recon, cfg.diffaug, self.generator)).float())
                     weight = adaptive_weight(rec_loss, g_loss, self.model.last_layer, cfg.disc_weight_max,
                                              grad_reduce=grad_reduce)
                     loss = loss + weight * g_loss
-                    micro["g_loss"] = g_loss.item()
-                    micro["disc_weight"] = weight.item()
+                    micro["g_loss"] = g_loss
+                    micro["disc_weight"] = weight
                 self.scaler.scale(loss / accum).backward()
-            micro = {"loss": loss.item(), "l1": l1.item(), "q_loss": out.q_loss.item(), **micro}
+            micro = {"loss": loss, "l1": l1, "q_loss": out.q_loss, **micro}
             for key, value in micro.items():
-                metrics[key] = metrics.get(key, 0.0) + value / accum
+                metrics[key] = metrics.get(key, 0.0) + value.detach() / accum
             seen.append((x, recon.detach()))
             vectors.append(out.vectors)
+            counts.append(q.code_counts(out.indices))
         self.scaler.step(self.opt_ae)
+        # The global batch's lookups of every micro-batch, in one collective every rank makes (never in forward).
+        q.update_usage(all_reduce_sum(torch.stack(counts)))
 
         if disc_on:
             self.opt_d.zero_grad(set_to_none=True)
             d_loss_mean = 0.0
             for k, (x, recon) in enumerate(seen):
                 with no_sync(self.disc_pair, skip=k < accum - 1):
-                    with autocast(self.device, cfg.amp):
+                    with autocast(self.device, self.precision):
                         real, fake = self.disc_pair(diff_augment(x, cfg.diffaug, self.generator),
                                                     diff_augment(recon, cfg.diffaug, self.generator))
-                        d_loss = hinge_d_loss(real.float(), fake.float())
+                    d_loss = hinge_d_loss(real.float(), fake.float())
                     self.scaler.scale(d_loss / accum).backward()
-                d_loss_mean += d_loss.item() / accum
+                d_loss_mean = d_loss_mean + d_loss.detach() / accum
             self.scaler.step(self.opt_d)
             metrics["d_loss"] = d_loss_mean
         self.scaler.update()
@@ -429,8 +442,7 @@ class VQTrainer:
         # EMA warm-up: short runs average over their own length rather than over 1/(1-decay) steps.
         self.ema.decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
         self.ema.update(self.model)
-        metrics["restarted"] = float(restarted)
-        return metrics
+        return {**read_scalars(metrics), "restarted": float(restarted)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -439,7 +451,8 @@ class VQTrainer:
         model.load_state_dict(self.ema.shadow)
         model.eval()
         loader = ShardLoader(self.shards, self.val_split, batch_size=self.cfg.batch_size, infinite=False,
-                             rank=self.proc.rank, world_size=self.proc.world_size)
+                             rank=self.proc.rank, world_size=self.proc.world_size,
+                             pin_memory=self.device.type == "cuda")
         limit = self.cfg.eval_images // self.proc.world_size if self.cfg.eval_images > 0 else None
         sums = torch.zeros(3, dtype=torch.float64)  # L1 sum over images, PSNR sum, image count
         counts = torch.zeros(model.codebook_size, dtype=torch.float64)
@@ -449,8 +462,8 @@ class VQTrainer:
                 images = images[: max(0, limit - int(sums[2]))]
                 if images.shape[0] == 0:
                     break
-            images = images.to(self.device).contiguous(memory_format=self.memory_format)
-            with autocast(self.device, self.cfg.amp):
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            with autocast(self.device, self.precision):
                 tokens = model.encode_to_tokens(images)
                 recon = model.decode_tokens(tokens).float()
             sums += _recon_sums(images, recon)
@@ -496,6 +509,7 @@ class VQTrainer:
             "codebook": {"usage": ev.get("usage"), "perplexity": ev.get("perplexity"),
                          "split": self.val_split, "images": ev.get("images")},
             "val": {"l1": ev.get("l1"), "psnr": ev.get("psnr")},
+            "precision": self.precision,  # what the last session trained in; the weights are fp32
         }
         train_config = {**to_dict(self.cfg), "seed": self.seed}
         parents = {"dataset": self.dataset_sha}
@@ -533,7 +547,7 @@ class VQTrainer:
         vectors = []
         for _ in range(self.cfg.kmeans_batches):
             x = self._next_batch()
-            with autocast(self.device, self.cfg.amp):
+            with autocast(self.device, self.precision):
                 z = self.model.encode(x).float()
             # Every rank's rows of this batch, in rank order: rank 0 clusters the global batches.
             vectors.append(all_gather_rows(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])))
@@ -658,12 +672,14 @@ def train_vq(
     shards: str | Path | None = None,
     output: str | Path | None = None,
     init: str | Path | None = None,
+    precision: str = "auto",
 ) -> TrainVQResult:
     """Train a VQGAN on the shards of `run` (or `shards`) and write vq.safetensors; the train-vq stage.
 
     `vq_cfg` and `cfg` are settings dataclasses or mappings of the settings chosen (the rest default).
     `init` fine-tunes a vq-model artifact (see the module docstring): the settings chosen must agree with
     it, except TUNABLE ones; a dataclass counts as choosing the fields that differ from the defaults.
+    `precision` is auto, fp32, bf16 or fp16 (vqtool.precision).
     """
     paths = RunPaths.of(run)
     vq_cfg, vq_given = chosen_settings(VQConfig, vq_cfg, "vq")
@@ -681,9 +697,10 @@ def train_vq(
                               "so the init artifact stays")
         vq_cfg, cfg = fine_tune_settings(start_from, vq_given, cfg, train_given)
     dev = resolve_device(device)
+    chosen_precision = resolve_precision(precision, dev)
     with distributed_session(dev, process_info()) as proc:
         task = VQTrainer(vq_cfg, cfg, shards, output, paths.figures(STAGE), seed=seed, device=dev, proc=proc,
-                         init=start_from)
+                         init=start_from, precision=chosen_precision)
         start = time.monotonic()
         result: LoopResult = run_loop(task, cfg, checkpoint, paths.log(STAGE), resume=resume,
                                       overwrite=overwrite, proc=proc)
@@ -691,5 +708,5 @@ def train_vq(
     done = result.step - (task.session_start_step if task.session_start_step is not None else result.step)
     return TrainVQResult(output=output, step=result.step, reason=result.reason, steps_this_session=done,
                          seconds=seconds, val=result.last_eval or task.last_eval, grid=task.last_grid,
-                         device=str(dev), init=start_from.path if start_from else None,
+                         device=str(dev), precision=chosen_precision, init=start_from.path if start_from else None,
                          init_sha256=start_from.sha256 if start_from else None, stopped_by=result.stopped_by)
