@@ -144,14 +144,18 @@ def test_the_model_card_says_what_made_the_model_and_how_to_load_it(tmp_path):
     assert "# wrote vq.safetensors" in made and "# wrote this folder" in made  # the two commands
 
 
-def test_a_second_export_refuses_to_overwrite_unless_asked(tmp_path):
+def test_a_second_export_refuses_to_overwrite_unless_asked_and_keeps_other_files(tmp_path):
     vq, out = tmp_path / "vq.safetensors", tmp_path / "hub"
     make_vq(vq, **EXPORT_LAYOUTS["cosine-attention"])
     run_cli("export", vq, "--out", out)
     before = (out / "config.json").read_bytes()
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     assert "already exists; pass --overwrite" in refused("export", vq, "--out", out)
     run_cli("export", vq, "--out", out, "--overwrite")
     assert (out / "config.json").read_bytes() == before
+    assert (out / ".gitattributes").read_text() == "*.safetensors filter=lfs\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "vq.safetensors"]  # no staging left behind
+    assert "an input of this stage" in refused("export", vq, "--out", tmp_path)
 
 
 @pytest.mark.parametrize("settings, field", [

@@ -22,7 +22,7 @@ def export_command(
 ) -> None:
     """Export a VQ model as a diffusers VQModel folder, with a model card.
 
-    `diffusers.VQModel.from_pretrained(OUT)` loads it and gives the same code indices and decoded images;
+    `diffusers.VQModel.from_pretrained(OUT)` loads it and gives the same code indices and decoded images.
     `vqtool import OUT` reads it back. Settings a VQModel cannot express are refused in one line.
     """
     from vqtool.interop.export import export_vq

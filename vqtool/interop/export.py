@@ -2,7 +2,8 @@
 
 The folder holds config.json, diffusion_pytorch_model.safetensors (the EMA weights by default) and a
 model card, README.md: what made the model (data, settings, the vqtool commands), its codebook and
-token grid, and how to load it with diffusers and with vqtool. Each file is written atomically. Settings
+token grid, and how to load it with diffusers and with vqtool. The folder is staged beside OUT and
+swapped in when complete (vqtool.outputs); other files already in OUT are carried over. Settings
 a VQModel config cannot express are refused in one line (vqtool.interop.vqmodel_folder); what the
 folder leaves out on purpose is listed in the card and in the result's notes.
 """
@@ -15,17 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from vqtool import __version__
-from vqtool.artifacts import (
-    Artifact,
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    command_line,
-    read_metadata,
-    write_safetensors,
-)
+from vqtool.artifacts import Artifact, command_line, read_metadata, write_safetensors
 from vqtool.errors import VqtoolError
 from vqtool.interop import vqmodel_folder
+from vqtool.outputs import matcher, naming, refuse_enclosing, staged_folder
 from vqtool.vq.model import VQConfig
 from vqtool.vq.store import load_vq
 
@@ -52,6 +46,7 @@ def export_vq(vq: str | Path, out: str | Path, fmt: str = "diffusers", weights: 
     vq, out = Path(vq), Path(out)
     if out.exists() and not out.is_dir():
         raise VqtoolError(f"{out}: exists and is not a folder (--out names the folder to write)")
+    refuse_enclosing(out, [vq])
     stored = set(read_metadata(vq, "vq-model").extra["_tensors"]) if vq.exists() else set()
     loaded = load_vq(vq, weights=weights)
     cfg, art = loaded.model.cfg, loaded.artifact
@@ -64,10 +59,13 @@ def export_vq(vq: str | Path, out: str | Path, fmt: str = "diffusers", weights: 
     result = ExportResult(source=vq, source_sha256=art.sha256, folder=out, files=files, config=config,
                           parameters=sum(t.numel() for t in tensors.values()),
                           notes=_notes(cfg, art.path.name, weights, stored))
-    with atomic_path(files[0]) as tmp:
-        write_safetensors(tmp, tensors, {"format": "pt"})  # the metadata Hugging Face's loaders expect
-    atomic_write_json(files[1], config)
-    atomic_write_text(files[2], model_card(result, cfg, art, weights))
+    with staged_folder(out, matcher(*(f.name for f in files))) as staging:
+        with naming(files[0]):
+            write_safetensors(staging / files[0].name, tensors, {"format": "pt"})  # what Hugging Face's loaders expect
+        with naming(files[1]):
+            (staging / files[1].name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        with naming(files[2]):
+            (staging / files[2].name).write_text(model_card(result, cfg, art, weights), encoding="utf-8")
     return result
 
 
