@@ -342,3 +342,16 @@ def test_options_for_checkpoints_are_refused_for_a_folder(tmp_path):
     save_diffusers(folder, IMPORT_LAYOUTS["ldm-like"])
     assert "--heads does not apply" in refused("import", folder, "--out", tmp_path / "vq.safetensors",
                                                "--heads", "4")
+
+
+def test_the_two_layout_switches_build_what_they_say():
+    cfg = VQConfig(resolution=SIDE, ch=16, ch_mult=[1, 2], attn_resolutions=[16], norm_groups=4, mid_attention=False)
+    model = VQModel(cfg)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {4}
+    assert not any(k.startswith(("encoder.mid.attn", "decoder.mid.attn")) for k in model.state_dict())
+    assert any(k.startswith("encoder.levels.1.attns.0") for k in model.state_dict())
+    with pytest.raises(ValueError, match="norm_groups 12 must divide"):
+        VQConfig(resolution=SIDE, ch=16, ch_mult=[1, 2], norm_groups=12).validate()
+    default = VQModel(VQConfig(resolution=SIDE, ch=16, ch_mult=[1, 4]))
+    assert {m.num_groups for m in default.modules() if isinstance(m, torch.nn.GroupNorm)} == {16, 32}

@@ -135,6 +135,27 @@ def _attention(ours: str, theirs: str):
     yield f"{ours}.proj", f"{theirs}.to_out.0", "linear"
 
 
+def _translate(src: Source, cfg: VQConfig, to_diffusers: bool) -> dict[str, torch.Tensor]:
+    """Every module of the name table, taken from `src` under one side's names, under the other's."""
+    out: dict[str, torch.Tensor] = {}
+    for ours, theirs, kind in parameter_pairs(cfg):
+        a, b = (ours, theirs) if to_diffusers else (theirs, ours)
+        if kind == "same":
+            move(src, out, a, b)
+        elif kind == "linear":
+            weight = src.take(f"{a}.weight")
+            out[f"{b}.weight"] = weight.flatten(1) if to_diffusers else weight[:, :, None, None]
+            out[f"{b}.bias"] = src.take(f"{a}.bias")
+        elif to_diffusers:
+            weights, biases = src.take(f"{a}.weight").flatten(1).chunk(3), src.take(f"{a}.bias").chunk(3)
+            for name, w, bias in zip(("to_q", "to_k", "to_v"), weights, biases, strict=True):
+                out[f"{b}.{name}.weight"], out[f"{b}.{name}.bias"] = w, bias
+        else:
+            fuse_qkv(src, out, (f"{a}.to_q", f"{a}.to_k", f"{a}.to_v"), b)
+            out[f"{b}.weight"] = out[f"{b}.weight"][:, :, None, None]
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # vqtool → VQModel
 
@@ -182,18 +203,7 @@ def to_diffusers(state: dict[str, torch.Tensor], cfg: VQConfig, where: str) -> d
     Euclidean nearest code (diffusers' lookup) is the one of largest cosine, and those vectors are also
     what vqtool's decoder receives. Without vqtool's 1×1 convs, identity 1×1 convs take their place."""
     src = Source(state, where)
-    out: dict[str, torch.Tensor] = {}
-    for ours, theirs, kind in parameter_pairs(cfg):
-        if kind == "same":
-            move(src, out, ours, theirs)
-        elif kind == "linear":
-            out[f"{theirs}.weight"] = src.take(f"{ours}.weight").flatten(1)
-            out[f"{theirs}.bias"] = src.take(f"{ours}.bias")
-        else:
-            weights = src.take(f"{ours}.weight").flatten(1).chunk(3)
-            biases = src.take(f"{ours}.bias").chunk(3)
-            for name, w, b in zip(("to_q", "to_k", "to_v"), weights, biases, strict=True):
-                out[f"{theirs}.{name}.weight"], out[f"{theirs}.{name}.bias"] = w, b
+    out = _translate(src, cfg, to_diffusers=True)
     codes = src.take("quantizer.embedding")
     out["quantize.embedding.weight"] = F.normalize(codes, dim=-1) if cfg.cosine else codes
     if not cfg.quant_convs:
@@ -342,16 +352,7 @@ def from_diffusers(state: dict[str, torch.Tensor], cfg: VQConfig,
     state = {_modern_name(k): v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
              for k, v in state.items()}
     src = Source(state, where)
-    dst: dict[str, torch.Tensor] = {}
-    for ours, theirs, kind in parameter_pairs(cfg):
-        if kind == "same":
-            move(src, dst, theirs, ours)
-        elif kind == "linear":
-            dst[f"{ours}.weight"] = src.take(f"{theirs}.weight")[:, :, None, None]
-            dst[f"{ours}.bias"] = src.take(f"{theirs}.bias")
-        else:
-            fuse_qkv(src, dst, (f"{theirs}.to_q", f"{theirs}.to_k", f"{theirs}.to_v"), ours)
-            dst[f"{ours}.weight"] = dst[f"{ours}.weight"][:, :, None, None]
+    dst = _translate(src, cfg, to_diffusers=False)
     set_codebook(dst, src.take("quantize.embedding.weight"))
     src.finish()
     if dtypes <= {torch.float32}:
