@@ -1,9 +1,13 @@
-"""The import stage: a published checkpoint of either paper → a vqtool `vq-model` or `prior-model`.
+"""The import stage: a published checkpoint of either paper, or a diffusers VQModel folder → a vqtool
+`vq-model` or `prior-model`.
 
 `import_checkpoint` reads the file without running any of it (vqtool.interop.torchfile), detects the
 layout from its keys, converts it (vqtool.interop.unleashing / .taming), loads the result strictly into
 vqtool's own model to prove every tensor found its place, and writes the artifact. The artifact's extra
 records the source file's name, sha256 and format, what was inferred and what was dropped.
+
+A folder with a config.json is read as a diffusers VQModel (vqtool.interop.vqmodel_folder); the
+source sha256 recorded is its weights file's.
 
 Taming's transformer checkpoints carry their first-stage VQGAN: with `vq` it is checked to be the same
 model as that artifact (which becomes the prior's parent); without, it is written beside the prior.
@@ -20,7 +24,7 @@ import torch
 
 from vqtool.artifacts import file_sha256, read_metadata
 from vqtool.errors import VqtoolError
-from vqtool.interop import taming, unleashing
+from vqtool.interop import taming, unleashing, vqmodel_folder
 from vqtool.interop.convert import Converted, check_fits, without_init
 from vqtool.interop.torchfile import read_torch_file
 from vqtool.prior.store import save_prior
@@ -125,7 +129,7 @@ def _write_vq(conv: Converted, out: Path, src: Path, sha: str, overwrite: bool) 
     _refuse_existing(out, overwrite)
     cfg = conv.config
     extra = {"image_size": cfg.resolution, "latent_shape": list(_latent_shape(conv)),
-             "source": _source_extra(conv, src, sha)}
+             **{k: v for k, v in conv.extra.items() if not k.startswith("_")}, "source": _source_extra(conv, src, sha)}
     if conv.discriminator:
         extra["discriminator"] = conv.discriminator_config
     digest = save_vq(out, cfg, conv.state, {}, train_config={}, parents={}, extra=extra,
@@ -193,10 +197,11 @@ def import_checkpoint(
     paths = RunPaths.of(run) if run is not None else None
     if not src.exists():
         raise VqtoolError(f"{src}: file not found")
-    if src.is_dir():
-        raise VqtoolError(f"{src}: is a folder; give the checkpoint file (.th or last.ckpt)")
     if image_size is not None and image_size < 1:
         raise VqtoolError(f"--image-size {image_size}: must be positive")
+    if src.is_dir():
+        given = {"--config": config, "--vq": vq, "--vq-out": vq_out, "--heads": heads}
+        return _import_folder(src, Path(out) if out is not None else paths.vq, image_size, given, overwrite)
     if heads is not None and heads < 1:
         raise VqtoolError(f"--heads {heads}: must be positive")
     vq_path = Path(vq) if vq is not None else None
@@ -281,6 +286,25 @@ def import_checkpoint(
     return result
 
 
+def _import_folder(src: Path, out: Path, image_size: int | None, given: dict[str, Any],
+                   overwrite: bool) -> ImportResult:
+    """A diffusers VQModel folder (config.json + weights) → a vq-model artifact."""
+    if not (src / vqmodel_folder.CONFIG_FILE).is_file():
+        if (src / "model_index.json").is_file() and (src / "vqvae" / vqmodel_folder.CONFIG_FILE).is_file():
+            raise VqtoolError(f"{src}: a diffusers pipeline folder; give its VQ model, {src / 'vqvae'}")
+        raise VqtoolError(f"{src}: is a folder without a config.json; give a checkpoint file (.th or last.ckpt) "
+                          "or a diffusers VQModel folder")
+    for flag, value in given.items():
+        if value is not None:
+            raise VqtoolError(f"{flag} does not apply to a diffusers VQModel folder (its config.json says it all; "
+                              "only --image-size may override its sample_size)")
+    conv, weights = vqmodel_folder.convert_folder(src, image_size)
+    sha = file_sha256(weights)
+    result = ImportResult(source=src, source_sha256=sha)
+    result.written.append(_write_vq(conv, out, src, sha, overwrite))
+    return result
+
+
 def _check_codebook(conv: Converted, vq_path: Path, codebook: int) -> None:
     if codebook != conv.config.vocab_size:
         raise VqtoolError(f"{vq_path}: codebook of {codebook} codes, but the prior predicts "
@@ -299,9 +323,10 @@ def architecture(conv: Converted) -> str:
     if conv.kind == "vq-model":
         dec = cfg.decoder_res_blocks if cfg.decoder_res_blocks is not None else cfg.num_res_blocks + 1
         attn = ", ".join(str(r) for r in cfg.attn_resolutions) or "none"
+        groups = f", GroupNorm {cfg.norm_groups} groups" if cfg.norm_groups is not None else ""
         return (f"VQGAN, ch {cfg.ch} × {list(cfg.ch_mult)}, ResBlocks per level {cfg.num_res_blocks} (encoder) / "
-                f"{dec} (decoder), attention at {attn} px, z {cfg.z_channels}, "
-                f"{'1×1 quant convs' if cfg.quant_convs else 'no quant convs'}")
+                f"{dec} (decoder), attention at {attn} px{'' if cfg.mid_attention else ' (none in the bottleneck)'}, "
+                f"z {cfg.z_channels}, {'1×1 quant convs' if cfg.quant_convs else 'no quant convs'}{groups}")
     kind = "causal GPT" if cfg.causal else "bidirectional transformer"
     cond = f", {cfg.n_classes} classes" if cfg.n_classes else ""
     return (f"{kind}, {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, learned 1-D positions, "

@@ -9,7 +9,9 @@ the feature map's side is in `attn_resolutions`, a stride-2 downsample between l
 Three switches describe the Unleashing Transformers variant of the same network, so its published
 checkpoints load into this one model (vqtool/interop): no 1×1 convs around the lookup (`quant_convs`),
 `num_res_blocks` decoder blocks per level (`decoder_res_blocks`), and no swish between the last
-GroupNorm and the output conv (`swish_before_out`). The defaults are Taming's.
+GroupNorm and the output conv (`swish_before_out`). Two more describe diffusers' VQModel folders: one
+GroupNorm group count for every width (`norm_groups`) and bottlenecks without attention
+(`mid_attention`). The defaults are Taming's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class VQConfig:
     quant_convs: bool = True  # 1×1 convs into and out of the lookup space (Taming); False needs code_dim == z_channels
     decoder_res_blocks: int | None = None  # blocks per decoder level; None: num_res_blocks + 1 (Taming)
     swish_before_out: bool = True  # swish after the last GroupNorm of encoder and decoder (Taming)
+    norm_groups: int | None = None  # GroupNorm groups at every width; None: the largest divisor ≤ 32 of each width
+    mid_attention: bool = True  # self-attention between the two bottleneck ResBlocks
     # codebook-collapse remedies (see vqtool/vq/quantize.py); defaults chosen by measurement (docs/recipes.md)
     cosine: bool = True
     kmeans_init: bool = False
@@ -54,6 +58,9 @@ class VQConfig:
             raise ValueError("vq.codebook_size must be at least 2")
         if not self.quant_convs and self.code_dim != self.z_channels:
             raise ValueError("vq.quant_convs = false needs vq.code_dim equal to vq.z_channels")
+        groups = self.norm_groups
+        if groups is not None and (groups < 1 or any(c % groups for c in self.widths())):
+            raise ValueError(f"vq.norm_groups {groups} must divide every channel width {self.widths()}")
         if self.decoder_res_blocks is not None and self.decoder_res_blocks < 1:
             raise ValueError("vq.decoder_res_blocks must be positive (or null for num_res_blocks + 1)")
         if not 0.0 <= self.dropout < 1.0:
@@ -64,6 +71,13 @@ class VQConfig:
                 f"{2 ** (len(self.ch_mult) - 1)} of vq.ch_mult {self.ch_mult}"
             )
 
+    def widths(self) -> list[int]:
+        """The channel counts the network normalises: the input conv's and each level's, without repeats."""
+        return sorted({self.ch, *(self.ch * m for m in self.ch_mult)})
+
+    def groups(self, channels: int) -> int:
+        return self.norm_groups if self.norm_groups is not None else _groups(channels)
+
 
 def _groups(channels: int) -> int:
     # Taming uses 32 groups; tiny test models have fewer channels, so take the largest divisor ≤ 32.
@@ -73,16 +87,16 @@ def _groups(channels: int) -> int:
     return 1
 
 
-def norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(_groups(channels), channels, eps=1e-6, affine=True)
+def norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
+    return nn.GroupNorm(groups or _groups(channels), channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0):
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0, groups: int | None = None):
         super().__init__()
-        self.norm1 = norm(c_in)
+        self.norm1 = norm(c_in, groups)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = norm(c_out)
+        self.norm2 = norm(c_out, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
@@ -96,9 +110,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions of a feature map, with a residual connection."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int | None = None):
         super().__init__()
-        self.norm = norm(channels)
+        self.norm = norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -130,13 +144,14 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """The blocks of one resolution level, each followed by attention when the level asks for it."""
 
-    def __init__(self, c_in: int, c_out: int, n_blocks: int, attention: bool, dropout: float):
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, attention: bool, dropout: float,
+                 groups: int | None = None):
         super().__init__()
         self.blocks = nn.ModuleList()
         self.attns = nn.ModuleList()
         for i in range(n_blocks):
-            self.blocks.append(ResnetBlock(c_in if i == 0 else c_out, c_out, dropout))
-            self.attns.append(AttnBlock(c_out) if attention else nn.Identity())
+            self.blocks.append(ResnetBlock(c_in if i == 0 else c_out, c_out, dropout, groups))
+            self.attns.append(AttnBlock(c_out, groups) if attention else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block, attn in zip(self.blocks, self.attns, strict=True):
@@ -145,11 +160,11 @@ class Level(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int | None = None, attention: bool = True):
         super().__init__()
-        self.block1 = ResnetBlock(channels, channels, dropout)
-        self.attn = AttnBlock(channels)
-        self.block2 = ResnetBlock(channels, channels, dropout)
+        self.block1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn = AttnBlock(channels, groups) if attention else nn.Identity()
+        self.block2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block2(self.attn(self.block1(x)))
@@ -165,14 +180,14 @@ class Encoder(nn.Module):
         self.downs = nn.ModuleList()
         for i, m in enumerate(cfg.ch_mult):
             self.levels.append(Level(cfg.ch * mults[i], cfg.ch * m, cfg.num_res_blocks,
-                                     res in cfg.attn_resolutions, cfg.dropout))
+                                     res in cfg.attn_resolutions, cfg.dropout, cfg.norm_groups))
             last = i == len(cfg.ch_mult) - 1
             self.downs.append(nn.Identity() if last else Downsample(cfg.ch * m))
             if not last:
                 res //= 2
         c = cfg.ch * cfg.ch_mult[-1]
-        self.mid = Bottleneck(c, cfg.dropout)
-        self.norm_out = norm(c)
+        self.mid = Bottleneck(c, cfg.dropout, cfg.norm_groups, cfg.mid_attention)
+        self.norm_out = norm(c, cfg.norm_groups)
         self.swish_out = cfg.swish_before_out
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
@@ -191,17 +206,17 @@ class Decoder(nn.Module):
         c = cfg.ch * cfg.ch_mult[-1]
         blocks = cfg.num_res_blocks + 1 if cfg.decoder_res_blocks is None else cfg.decoder_res_blocks
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = Bottleneck(c, cfg.dropout)
+        self.mid = Bottleneck(c, cfg.dropout, cfg.norm_groups, cfg.mid_attention)
         self.levels = nn.ModuleList()
         self.ups = nn.ModuleList()
         for i in reversed(range(n)):
             c_out = cfg.ch * cfg.ch_mult[i]
-            self.levels.append(Level(c, c_out, blocks, res in cfg.attn_resolutions, cfg.dropout))
+            self.levels.append(Level(c, c_out, blocks, res in cfg.attn_resolutions, cfg.dropout, cfg.norm_groups))
             c = c_out
             self.ups.append(Upsample(c) if i != 0 else nn.Identity())
             if i != 0:
                 res *= 2
-        self.norm_out = norm(c)
+        self.norm_out = norm(c, cfg.norm_groups)
         self.swish_out = cfg.swish_before_out
         self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
 
