@@ -320,3 +320,34 @@ def test_dataset_nll_refuses_mismatched_input(tmp_path):
         dataset_nll(conditional, torch.zeros(2, 4, 4, dtype=torch.long), None, 2, gen())
     out = dataset_nll(conditional, torch.zeros(2, 4, 4, dtype=torch.long), torch.tensor([0, 2]), 2, gen())
     assert out.shape == (2,)
+
+
+def test_elbo_error_bar_shrinks_with_more_t_draws_and_matches_the_spread_over_seeds():
+    """The Monte-Carlo standard error of a fixed set's mean ELBO falls as K grows, and it describes the
+    real scatter of the estimate: repeated with other seeds, the estimates spread about as much."""
+    from vqtool.eval.nll import SplitNll
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=16, grid=(4, 4), n_layer=1, n_head=2, n_embd=16)
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(0, 16, (24, 16))
+    ses, spreads = [], []
+    for K in (2, 8, 32):
+        objective = AbsorbingObjective(T=32, nll_samples=K)
+        means, se = [], None
+        for seed in range(12):
+            bits, var = objective.nll_estimate(model, tokens, None, gen(seed))
+            split = SplitNll(bits.double(), var.double())
+            means.append(split.mean())
+            se = split.monte_carlo_se() if se is None else se
+        ses.append(se)
+        spreads.append(float(torch.tensor(means).std()))
+    assert ses[0] > ses[1] > ses[2] > 0
+    for se, spread in zip(ses, spreads, strict=True):
+        # conservative, and not by much: the seeds' spread is within a factor of ~2.5 of the bar
+        assert spread / 2.5 < se < 2.5 * spread
+    # nll is nll_estimate's first part, and one draw leaves the variance unknown
+    one = AbsorbingObjective(T=32, nll_samples=1)
+    bits, var = one.nll_estimate(model, tokens, None, gen(1))
+    assert torch.equal(bits, one.nll(model, tokens, None, gen(1))) and torch.isnan(var).all()
+    assert SplitNll(bits.double(), var.double()).se()[1] == "images"

@@ -295,7 +295,9 @@ def test_nll_on_train_and_val_latents_matches_dataset_nll(tiny_run, weights, kin
     r = evaluate(tiny_run, _settings(weights, metrics=["nll"], n=5), device="cpu", seed=3, show_progress=False)
     prior = load_prior(tiny_run / "prior.safetensors")
     for name in ("train", "val"):
-        expected = dataset_nll(prior, splits[name].tokens[:5], None, 4, torch.Generator().manual_seed(3))
+        # eval's default ELBO: 16 stratified t draws per image
+        expected = dataset_nll(prior, splits[name].tokens[:5], None, 4, torch.Generator().manual_seed(3),
+                               nll_samples=16 if kind == "absorbing" else None)
         assert r.metrics[f"nll_{name}_bpt"] == pytest.approx(float(expected.double().mean()), rel=1e-5)
         # bits/dim: an image's 64 tokens' bits spread over its 3·16·16 colour values.
         assert r.metrics[f"nll_{name}_bpd"] == pytest.approx(r.metrics[f"nll_{name}_bpt"] * 64 / 768)
@@ -319,3 +321,48 @@ def test_recon_alone_without_any_weights_reports_what_needs_none(tiny_run, tmp_p
     with pytest.raises(VqtoolError, match="weights-inception"):
         evaluate(tiny_run, EvalSettings(metrics=["recon", "fid"], n=4, download=False, name="x",
                                         fake=str(tiny_run / "shards")), device="cpu", show_progress=False)
+
+
+def test_held_out_latents_of_the_same_vq_are_scored_and_named(tiny_run, weights):
+    from vqtool.latents import Latents, Split, load_latents, save_latents
+
+    splits = _tiny_latents_and_prior(tiny_run, "absorbing")
+    vq_sha = file_sha256(tiny_run / "vq.safetensors")
+    # A "test set": other images (here the val grids, flipped) encoded by the same VQ, saved on their own.
+    test = {"train": Split(tokens=splits["val"].tokens.flip(-1)), "val": Split(tokens=splits["train"].tokens[:2])}
+    test_path = tiny_run / "test-latents.safetensors"
+    save_latents(test_path, Latents(splits=test, codebook_size=16, latent_shape=(8, 8), image_size=16),
+                 parents={"vq": vq_sha, "dataset": "1" * 64})
+    r = evaluate(tiny_run, _settings(weights, metrics=["nll"], n=100, latents=str(test_path), split_name="test",
+                                     nll_samples=4, name="test"), device="cpu", seed=0, show_progress=False)
+    n_test = sum(s.tokens.shape[0] for s in test.values())
+    assert r.report["nll"]["n"] == {"test": n_test} and r.report["nll"]["latents_role"] == "held-out"
+    assert r.metrics["nll_test_bpt"] > 0 and r.metrics["nll_test_bpt_se"] > 0 and "nll_gap_bpt" not in r.metrics
+    assert r.report["parents"]["latents"] == file_sha256(test_path)
+    assert "NLL test (bits/token)" in r.markdown and "±" in r.markdown
+    # Without --split-name the latents keep their own split names.
+    r = evaluate(tiny_run, _settings(weights, metrics=["nll"], n=100, latents=str(test_path), nll_samples=4,
+                                     name="own-names"), device="cpu", seed=0, show_progress=False)
+    assert set(r.report["nll"]["n"]) == {"train", "val"}
+
+    # Latents of another VQ are refused, and so are latents that do not say which VQ made them.
+    other = tiny_run / "other-vq-latents.safetensors"
+    save_latents(other, load_latents(test_path), parents={"vq": "2" * 64})
+    with pytest.raises(VqtoolError, match="encoded by another VQ"):
+        evaluate(tiny_run, _settings(weights, metrics=["nll"], latents=str(other), name="x"), device="cpu",
+                 show_progress=False)
+    unknown = tiny_run / "unknown-vq-latents.safetensors"
+    save_latents(unknown, load_latents(test_path), parents={})
+    with pytest.raises(VqtoolError, match="does not record its VQ"):
+        evaluate(tiny_run, _settings(weights, metrics=["nll"], latents=str(unknown), name="y"), device="cpu",
+                 show_progress=False)
+
+
+@pytest.mark.parametrize("value, ok", [(16, True), ("all", True), (0, False), ("some", False)])
+def test_nll_samples_takes_a_count_or_all(value, ok):
+    settings = EvalSettings(metrics=["nll"], nll_samples=value)
+    if ok:
+        settings.validate()
+    else:
+        with pytest.raises(VqtoolError, match="--nll-samples"):
+            settings.validate()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -66,3 +68,41 @@ class CallbackBar:
             self.bar.__enter__()
             self.task = self.bar.add_task(self.description, total=total, status="")
         self.bar.update(self.task, completed=completed, total=total)
+
+
+def duration(seconds: float) -> str:
+    """`2 h 05 min`, `7 min 30 s`, `45 s`: a length of time as people say it."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def with_forecast(progress, tell, measure_seconds: float = 5.0, worth_telling: float = 60.0):
+    """Wrap a `progress(done, total)` callback so that, once `measure_seconds` of work have been timed,
+    `tell(total_seconds)` is called once with the expected length of the whole job, when it is long
+    (`worth_telling` seconds or more): a long job says so before the user has waited for it."""
+    first: list[tuple[float, int]] = []
+    told = False
+
+    def update(done: int, total: int) -> None:
+        nonlocal told
+        if progress is not None:
+            progress(done, total)
+        now = time.monotonic()
+        if not first:
+            first.append((now, done))
+            return
+        start, done0 = first[0]
+        elapsed = now - start
+        if told or elapsed < measure_seconds or done <= done0:
+            return
+        told = True
+        per_unit = elapsed / (done - done0)
+        expected = per_unit * total
+        if expected >= worth_telling:
+            tell(expected)
+
+    return update

@@ -151,7 +151,7 @@ def _neighbours(root: Path, paths: RunPaths) -> str:
 
 
 def _metrics(paths: RunPaths) -> str:
-    from vqtool.eval.report import LABELS, format_value
+    from vqtool.eval.report import format_value, label
 
     rows, notes = [], []
     for name, title in (("report.json", "eval"), ("neighbours.json", "neighbours")):
@@ -160,10 +160,10 @@ def _metrics(paths: RunPaths) -> str:
             continue
         pixel = report.get("distance") == "pixel-rms"
         for key, value in (report.get("metrics") or {}).items():
-            label, _, better = LABELS.get(key, (key, "", ""))
+            text, _, better = label(key)
             if pixel:
-                label = label.replace("LPIPS", "pixel RMS")
-            rows.append(f"<tr><td>{html.escape(label)}</td><td class=\"num\">{html.escape(format_value(key, value))}"
+                text = text.replace("LPIPS", "pixel RMS")
+            rows.append(f"<tr><td>{html.escape(text)}</td><td class=\"num\">{html.escape(format_value(key, value))}"
                         f"</td><td>{html.escape(better)}</td><td>{title}</td></tr>")
         note = (report.get("recon") or {}).get("note")
         if note:

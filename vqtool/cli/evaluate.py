@@ -54,8 +54,10 @@ def eval_command(
     batch_size: int = typer.Option(None, "--batch-size", help="Images per feature-extraction batch (default 50)."),
     recon_n: int = typer.Option(None, "--recon-n", help="recon: val images (default: min(--n, val size))."),
     nll_n: int = typer.Option(None, "--nll-n", help="nll: images per split (default: min(--n, split size))."),
-    nll_samples: int = typer.Option(None, "--nll-samples", help="nll, absorbing prior: t draws per image for the "
-                                                                "ELBO (default: the prior's setting)."),
+    nll_samples: str = typer.Option(None, "--nll-samples", help="nll, absorbing prior: stratified t draws per image "
+                                                                "for the ELBO (default 16), or all (every t once)."),
+    split_name: str = typer.Option(None, "--split-name", help="nll: score all splits of --latents together under "
+                                                              "this name, e.g. test for a held-out set."),
     lpips_net: str = typer.Option(None, "--lpips-net", help="recon LPIPS backbone: alex | vgg | squeeze."),
     lpips_weights: Path = _LpipsWeights,
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the real-feature cache."),
@@ -76,6 +78,7 @@ def eval_command(
     seed: int = options.Seed,
     device: str = options.Device,
     precision: str = options.Precision,
+    threads: int = options.Threads,
     config: Path = options.Config,
     set_: list[str] = options.Set,
     overwrite: bool = options.Overwrite,
@@ -83,12 +86,14 @@ def eval_command(
     """Score a run: FID/KID/PRDC of generated vs real images, VQ reconstruction, prior NLL → RUN/eval/report.json."""
     from vqtool.eval.stage import EvalSettings, evaluate
 
+    options.apply_threads(threads)
     cli = dict(metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, n=n,
                n_real=n_real, real=real, real_split=real_split, fake=fake, fake_split=fake_split, features=features,
                feature_weights=_str(feature_weights), feature_layer=feature_layer, download=download,
                compile=compile_,
                nearest_k=nearest_k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, batch_size=batch_size,
-               recon_n=recon_n, nll_n=nll_n, nll_samples=nll_samples, lpips_net=lpips_net,
+               recon_n=recon_n, nll_n=nll_n, nll_samples=_draws(nll_samples), split_name=split_name,
+               lpips_net=lpips_net,
                lpips_weights=_str(lpips_weights), cache=False if no_cache else None, cache_dir=_str(cache_dir),
                name=name, vq=_str(vq), prior=_str(prior), latents=_str(latents), shards=_str(shards))
     chosen = stage_settings(_parts(EvalSettings, "eval"), load_recipe(config), set_,
@@ -175,6 +180,16 @@ def neighbours_command(
 def _sampling(steps, temperature, schedule, curve, order, top_k, top_p, batch_size, seed) -> dict:
     return dict(steps=steps, temperature=temperature, schedule=schedule, curve=curve, order=order, top_k=top_k,
                 top_p=top_p, batch_size=batch_size, seed=seed)
+
+
+def _draws(value: str | None) -> int | str | None:
+    """--nll-samples: a count, or `all`; anything else is left for EvalSettings.validate to refuse."""
+    if value is None or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        return value
 
 
 def _median_range(d) -> str:

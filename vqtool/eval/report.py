@@ -61,18 +61,32 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def label(name: str) -> tuple[str, str, str]:
+    """(label, format, better) of a metric; NLL metrics are named after their split (nll_test_bpt, …)."""
+    if name in LABELS:
+        return LABELS[name]
+    if name.startswith("nll_") and name.endswith(("_bpt", "_bpd")):
+        split, unit = name[4:-4], {"_bpt": "bits/token", "_bpd": "bits/dim"}[name[-4:]]
+        return f"NLL {split} ({unit})", "{:.4f}", "lower"
+    return name, "{:.4g}", ""
+
+
 def format_value(name: str, value: float | None) -> str:
-    if value is None:
-        return "—"
-    fmt = LABELS.get(name, (name, "{:.4g}", ""))[1]
-    return fmt.format(value)
+    return "—" if value is None else label(name)[1].format(value)
 
 
 def markdown_table(metrics: dict[str, float | None], title: str = "Evaluation") -> str:
+    """One row per metric; a metric's standard error (`<name>_se`) is shown in its row as `value ± se`."""
     lines = [f"**{title}**", "", "| metric | value | better |", "|---|---:|---|"]
     for name, value in metrics.items():
-        label, _, better = LABELS.get(name, (name, "", ""))
-        lines.append(f"| {label} | {format_value(name, value)} | {better} |")
+        if name.endswith("_se") and name[:-3] in metrics:
+            continue
+        text, _, better = label(name)
+        shown = format_value(name, value)
+        se = metrics.get(f"{name}_se")
+        if value is not None and se is not None:
+            shown += f" ± {format_value(name, se)}"
+        lines.append(f"| {text} | {shown} | {better} |")
     return "\n".join(lines)
 
 

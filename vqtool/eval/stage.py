@@ -19,6 +19,7 @@ import torch
 
 from vqtool.artifacts import file_sha256
 from vqtool.config import to_dict
+from vqtool.console import console, duration, with_forecast
 from vqtool.console import progress as rich_progress
 from vqtool.device import resolve_device
 from vqtool.errors import VqtoolError
@@ -54,7 +55,8 @@ class EvalSettings:
     batch_size: int = 50
     recon_n: int | None = None  # val images for recon (default: min(n, val size))
     nll_n: int | None = None  # images per split for nll (default: min(n, split size))
-    nll_samples: int | None = None  # absorbing ELBO: t draws per image (default: the prior's setting)
+    nll_samples: int | str = 16  # absorbing ELBO: K stratified t draws per image, or "all" (every t once)
+    split_name: str | None = None  # nll: score all of --latents' splits together under this name (e.g. test)
     lpips_net: str = "alex"
     lpips_weights: str | None = None
     cache: bool = True  # keep real-set features in a `features` artifact
@@ -70,10 +72,13 @@ class EvalSettings:
         if unknown or not self.metrics:
             raise VqtoolError(f"--metrics {','.join(self.metrics)}: choose from {','.join(METRICS)}")
         for opt, value in (("--n", self.n), ("--n-real", self.n_real), ("--recon-n", self.recon_n),
-                           ("--nll-n", self.nll_n), ("--nll-samples", self.nll_samples),
-                           ("--batch-size", self.batch_size)):
+                           ("--nll-n", self.nll_n), ("--batch-size", self.batch_size)):
             if value is not None and value < 1:
                 raise VqtoolError(f"{opt} {value}: must be at least 1")
+        if self.nll_samples != "all" and not (isinstance(self.nll_samples, int) and self.nll_samples >= 1):
+            raise VqtoolError(f"--nll-samples {self.nll_samples}: give a number of t draws (1 or more) or all")
+        if self.split_name is not None and not self.split_name.replace("-", "_").isidentifier():
+            raise VqtoolError(f"--split-name {self.split_name!r}: use letters, digits, - and _ (e.g. test)")
         if self.nearest_k < 1:
             raise VqtoolError(f"--nearest-k {self.nearest_k}: must be at least 1")
         if self.real_split not in ("train", "val") or self.fake_split not in ("train", "val"):
@@ -241,6 +246,15 @@ def evaluate(
                       markdown=markdown_table(ev.metrics), seconds=seconds, precision=chosen)
 
 
+def _sampling_forecast(run: Path, n: int) -> Callable[[float], None]:
+    def tell(seconds: float) -> None:
+        console.print(f"[yellow]eval:[/yellow] sampling {n:,} images from the prior will take about "
+                      f"{duration(seconds)} at the rate measured so far. To score several metrics or settings, "
+                      f"sample once (vqtool sample --run {run} --n {n}) and pass --fake {run}/samples.",
+                      soft_wrap=True)
+    return tell
+
+
 def _generative(ev: _Eval, sample) -> None:
     s = ev.s
     n_real = s.n_real or s.n
@@ -253,7 +267,8 @@ def _generative(ev: _Eval, sample) -> None:
         ev.set_vq(vq)
         sample = sample or SampleSettings()
         check_settings(sample, prior)
-        fake = prior_source(prior, vq, sample, ev.device, ev.bars.fraction("sampling"))
+        fake = prior_source(prior, vq, sample, ev.device,
+                            with_forecast(ev.bars.fraction("sampling"), _sampling_forecast(ev.paths.root, s.n)))
     else:
         fake = resolve_path_source(s.fake, "--fake", s.fake_split, real.image_size, ev.vq, ev.device)
     # Both counts are checked before any expensive work starts.
@@ -326,7 +341,6 @@ def _recon(ev: _Eval) -> None:
 
 
 def _nll(ev: _Eval) -> None:
-    from vqtool.artifacts import require_parent
     from vqtool.eval.nll import likelihood
     from vqtool.latents import load_latents
     from vqtool.prior.store import load_prior
@@ -336,17 +350,38 @@ def _nll(ev: _Eval) -> None:
     if not ev.latents_path.exists():
         raise VqtoolError(f"{ev.latents_path}: no latents here; run `vqtool encode` first (or pass --latents)")
     prior = load_prior(ev.prior_path, ev.device)
-    require_parent(prior.artifact, "latents", ev.latents_path)
     latents = load_latents(ev.latents_path)
+    role = check_latents_for_prior(prior.artifact, latents.artifact, ev.latents_path)
     ev.parents["prior"] = prior.artifact.sha256
     ev.parents["latents"] = latents.artifact.sha256
+    K = prior.objective.get("T") if ev.s.nll_samples == "all" else ev.s.nll_samples
     result = likelihood(prior, latents, ev.s.nll_n or ev.s.n, ev.s.batch_size, ev.seed,
-                        lambda split: ev.bars.fraction(f"nll: {split}"), ev.s.nll_samples)
+                        lambda split: ev.bars.fraction(f"nll: {split}"), K, split_name=ev.s.split_name)
     ev.metrics.update(result.metrics())
-    ev.body["nll"] = {"bound": result.bound, "prior": prior.kind,
+    ev.body["nll"] = {"bound": result.bound, "prior": prior.kind, "latents": str(ev.latents_path),
+                      "latents_role": role, "t_draws_per_image": result.t_draws,
+                      "exact_sum_over_t": bool(result.t_draws and result.t_draws == prior.objective.get("T")),
                       "n": {k: int(v.numel()) for k, v in result.per_image.items()},
+                      "splits": result.describe(),
                       "tokens_per_image": result.tokens_per_image, "dims_per_image": result.dims_per_image}
     ev.tensors.update({f"nll.{k}": v for k, v in result.per_image.items()})
+
+
+def check_latents_for_prior(prior, latents, latents_path: Path) -> str:
+    """Whether the likelihood of `latents` under `prior` means something: "training" for the latents the
+    prior was trained on, "held-out" for other latents encoded by the same VQ (a test set, say). Latents
+    of another VQ, or whose VQ cannot be told, are refused: their token ids mean other codes."""
+    if prior.parents.get("latents") in (None, latents.sha256):
+        return "training"
+    prior_vq, latents_vq = prior.parents.get("vq"), latents.parents.get("vq")
+    if prior_vq is None or latents_vq is None:
+        which = prior.path if prior_vq is None else latents_path
+        raise VqtoolError(f"{latents_path} are not the latents {prior.path} was trained on, and {which} does not "
+                          "record its VQ, so they cannot be checked to share its codebook")
+    if prior_vq != latents_vq:
+        raise VqtoolError(f"{latents_path} were encoded by another VQ (sha256 {latents_vq[:12]}…) than the one "
+                          f"{prior.path} was trained on ({prior_vq[:12]}…); encode them with that VQ")
+    return "held-out"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,6 +57,12 @@ class AutoregressiveObjective:
         nats = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")  # (B, N)
         return nats.mean(dim=1) / LN2
 
+    def nll_estimate(self, model: Transformer, tokens: torch.Tensor, labels: torch.Tensor | None,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`nll` and its variance, which is zero: the chain rule leaves nothing to estimate."""
+        bits = self.nll(model, tokens, labels, generator)
+        return bits, torch.zeros_like(bits)
+
     def settings(self) -> dict[str, Any]:
         return {}
 

@@ -2,7 +2,8 @@
 
 Generic over priors: the objective the prior was trained with (`make_objective(prior.kind,
 prior.objective)`) defines it. Exact for the autoregressive prior; the ELBO, an upper bound, for the
-absorbing prior (Monte-Carlo over t: every t once by default, or K stratified draws per image).
+absorbing prior (Monte-Carlo over t: K stratified draws per image, K = T for every t once), with the
+Monte-Carlo variance of each image's estimate so a report can say how many digits to trust.
 """
 
 from __future__ import annotations
@@ -43,7 +44,21 @@ def dataset_nll(
     progress: Callable[[int, int], None] | None = None,
     nll_samples: int | None = None,
 ) -> torch.Tensor:
-    """Bits per token of each grid of `tokens` (N, H, W), (N,) float32 on CPU.
+    """Bits per token of each grid of `tokens` (N, H, W), (N,) float32 on CPU (see `dataset_nll_estimate`)."""
+    return dataset_nll_estimate(prior, tokens, labels, batch_size, generator, progress, nll_samples)[0]
+
+
+def dataset_nll_estimate(
+    prior: LoadedPrior,
+    tokens: torch.Tensor,
+    labels: torch.Tensor | None,
+    batch_size: int,
+    generator: torch.Generator,
+    progress: Callable[[int, int], None] | None = None,
+    nll_samples: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bits per token of each grid of `tokens` (N, H, W) and the Monte-Carlo variance of each image's
+    estimate (0 for the exact autoregressive NLL; NaN with one t draw), both (N,) float32 on CPU.
 
     `labels` (N,) class ids for a class-conditional prior (ignored otherwise). `generator` drives every
     random choice (masks, t): the same generator state gives the same numbers for the same batch
@@ -65,6 +80,7 @@ def dataset_nll(
     use_labels = prior.cfg.n_classes > 0
     n = tokens.shape[0]
     out = torch.empty(n, dtype=torch.float32)
+    variance = torch.empty(n, dtype=torch.float32)
     was_training = model.training
     model.eval()
     try:
@@ -73,9 +89,10 @@ def dataset_nll(
             batch = tokens[start:stop].to(device).long().reshape(stop - start, -1)
             batch_labels = labels[start:stop].to(device).long() if use_labels else None
             with torch.no_grad():
-                out[start:stop] = objective.nll(model, batch, batch_labels, generator).float().cpu()
+                bits, var = objective.nll_estimate(model, batch, batch_labels, generator)
+                out[start:stop], variance[start:stop] = bits.float().cpu(), var.float().cpu()
             if progress is not None:
                 progress(stop, n)
     finally:
         model.train(was_training)
-    return out
+    return out, variance

@@ -31,6 +31,11 @@ class Objective(Protocol):
     ) -> torch.Tensor:
         """Per-image negative log-likelihood (exact, or an upper bound / ELBO) in bits per token, (B,)."""
 
+    def nll_estimate(
+        self, model: Transformer, tokens: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`nll` and the variance of each image's Monte-Carlo estimate of it, both (B,) (0 when exact)."""
+
     def settings(self) -> dict[str, Any]:
         """JSON-safe settings, stored in the prior artifact so the objective can be rebuilt."""
 
