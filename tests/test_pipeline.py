@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from vqtool.artifacts import file_sha256, load_artifact, read_metadata
 from vqtool.data.manifest import manifest_sha256
-from vqtool.errors import VqtoolError
+from vqtool.errors import Interrupted, VqtoolError
 from vqtool.pipeline import (
     STAGES,
     PipelineOptions,
@@ -34,7 +34,6 @@ from vqtool.pipeline import (
     run_pipeline,
 )
 from vqtool.runs import RunPaths
-from vqtool.training import Interrupted
 
 SIZE = 16
 TINY = [

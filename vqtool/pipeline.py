@@ -39,9 +39,8 @@ from vqtool.artifacts import atomic_write_json, file_sha256, read_metadata
 from vqtool.config import load_recipe, merge, parse_overrides, to_dict
 from vqtool.console import CallbackBar, console, progress
 from vqtool.data.manifest import MANIFEST_NAME, manifest_sha256
-from vqtool.errors import VqtoolError
+from vqtool.errors import Interrupted, VqtoolError
 from vqtool.runs import RunPaths
-from vqtool.training import Interrupted
 
 STAGES = ("prepare", "train-vq", "encode", "train-prior", "sample", "inpaint", "eval", "neighbours")
 CHAIN = STAGES[:5]  # each needs the one before; inpaint, eval and neighbours branch off it

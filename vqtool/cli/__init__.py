@@ -24,9 +24,8 @@ try:
     import typer
 
     from vqtool.console import console
-    from vqtool.errors import VqtoolError
+    from vqtool.errors import Interrupted, VqtoolError
     from vqtool.outputs import os_error_message
-    from vqtool.training import Interrupted
 except KeyboardInterrupt:
     _interrupted_at_startup()
 

@@ -11,10 +11,8 @@ from rich.markup import escape
 from vqtool.cli import options, stage_command
 from vqtool.config import load_recipe, parse_overrides
 from vqtool.console import console, summary_table
-from vqtool.distributed import process_info
-from vqtool.finetune import init_row
+from vqtool.errors import Interrupted
 from vqtool.runs import RunPaths
-from vqtool.training import Interrupted
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -65,6 +63,8 @@ def train_prior_command(
     overwrite: bool = options.Overwrite,
 ) -> None:
     """Train the transformer prior on RUN/latents.safetensors → RUN/prior.safetensors (best validation bound)."""
+    from vqtool.distributed import process_info
+    from vqtool.finetune import init_row
     from vqtool.prior.train import stage_names, train_prior
 
     recipe = load_recipe(config)

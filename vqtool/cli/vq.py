@@ -12,12 +12,7 @@ from rich.markup import escape
 from vqtool.cli import options, stage_command
 from vqtool.config import load_recipe, parse_overrides
 from vqtool.console import console, summary_table
-from vqtool.distributed import process_info
-from vqtool.errors import VqtoolError
-from vqtool.finetune import init_row
-from vqtool.training import Interrupted
-from vqtool.vq.model import VQConfig
-from vqtool.vq.train import TrainVQConfig
+from vqtool.errors import Interrupted, VqtoolError
 
 Threads = typer.Option(
     0, "--threads", help="CPU threads for torch (0 = torch's default). 1 is fastest on a busy shared machine.")
@@ -28,6 +23,9 @@ VQPath = typer.Option(None, "--vq", help="VQ model to use (default: RUN/vq.safet
 def split_overrides(items: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """`--set` items → (vq overrides, train_vq overrides). Keys may be prefixed `vq.` or `train_vq.`;
     bare keys go to whichever section has that setting."""
+    from vqtool.vq.model import VQConfig
+    from vqtool.vq.train import TrainVQConfig
+
     vq_keys = {f.name for f in dataclasses.fields(VQConfig)}
     train_keys = {f.name for f in dataclasses.fields(TrainVQConfig)}
     vq, train = {}, {}
@@ -100,6 +98,8 @@ def train_vq_command(
     overwrite: bool = options.Overwrite,
 ) -> None:
     """Train the VQGAN codebook model on RUN/shards → RUN/vq.safetensors (EMA + raw weights, codebook stats)."""
+    from vqtool.distributed import process_info
+    from vqtool.finetune import init_row
     from vqtool.vq.train import train_vq
 
     _set_threads(threads)
