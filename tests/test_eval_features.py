@@ -111,6 +111,19 @@ def test_weights_in_the_hub_cache_are_found_without_the_option(empty_hub, incept
     assert ex.weights_sha256 == file_sha256(inception_weights)
 
 
+def test_weight_probes_say_whether_the_weights_are_here_without_downloading(empty_hub, inception_weights):
+    from vqtool.eval.perceptual import backbone_weights, lpips_weights_present
+
+    assert not features.feature_weights_present("inception")  # `empty_hub` fails any download attempt
+    assert not lpips_weights_present("alex")
+    assert features.feature_weights_present("inception", inception_weights)
+    empty_hub.mkdir(parents=True)
+    (empty_hub / "weights-inception-2015-12-05-6726825d.pth").symlink_to(inception_weights)
+    (empty_hub / backbone_weights("alex").filename).write_bytes(b"")  # the probe locates, it does not load
+    assert features.feature_weights_present("inception") and lpips_weights_present("alex")
+    assert not lpips_weights_present("vgg")
+
+
 def test_explicit_weights_path_that_does_not_exist(tmp_path):
     with pytest.raises(VqtoolError, match=r"--feature-weights .*missing\.pth: file not found .*github"):
         features.load_extractor("inception", tmp_path / "missing.pth", "cpu", download=False)

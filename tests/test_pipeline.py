@@ -289,11 +289,11 @@ def _recipe() -> dict:
 
 
 def test_weights_appearing_later_rerun_only_eval_and_neighbours(quick, tmp_path, monkeypatch):
-    import vqtool.pipeline as pipeline
+    from vqtool.eval import features, perceptual
 
     run = _copy(quick[0], tmp_path)
-    monkeypatch.setattr(pipeline, "feature_weights_present", lambda settings: True)
-    monkeypatch.setattr(pipeline, "lpips_weights_present", lambda net, weights: True)
+    monkeypatch.setattr(features, "feature_weights_present", lambda name, weights, layer: True)
+    monkeypatch.setattr(perceptual, "lpips_weights_present", lambda net, weights: True)
     result = quickstart(run, TINY, PipelineOptions(**OPTIONS, dry_run=True))
     why = {r.stage: r.why for r in result.stages if r.status == "would run"}
     assert set(why) == {"eval", "neighbours"}

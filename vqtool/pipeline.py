@@ -468,6 +468,7 @@ def _conditional(prior: Path) -> bool:
 
 
 def _plan_eval(ctx: _Context) -> Step:
+    from vqtool.eval.features import feature_weights_present
     from vqtool.eval.stage import GENERATIVE, EvalSettings, evaluate
 
     section = ctx.section("eval")
@@ -481,7 +482,7 @@ def _plan_eval(ctx: _Context) -> Step:
         raise VqtoolError(f"eval.optional_metrics: {', '.join(unknown)}; choose from {', '.join(GENERATIVE)} "
                           "(metrics added when the feature extractor's weights are present)")
     dropped = [m for m in optional if m not in settings.metrics]
-    if dropped and feature_weights_present(settings):
+    if dropped and feature_weights_present(settings.features, settings.feature_weights, settings.feature_layer):
         settings.metrics, dropped = [*settings.metrics, *dropped], []
     uses_samples = bool(set(settings.metrics) & set(GENERATIVE)) and settings.fake is None and (
         "sample" in ctx.stages or ctx.paths.samples_artifact.exists())
@@ -521,31 +522,8 @@ def _plan_eval(ctx: _Context) -> Step:
     return Step("eval", recorded, ctx.paths.eval / f"{settings.name}.safetensors", inputs, run)
 
 
-def feature_weights_present(settings) -> bool:
-    """Whether the FID extractor's weights are on this machine (never downloads)."""
-    from vqtool.eval.features import load_extractor
-
-    try:
-        load_extractor(settings.features, settings.feature_weights, "cpu", download=False,
-                       layer=settings.feature_layer)
-    except VqtoolError:
-        return False
-    return True
-
-
-def lpips_weights_present(net: str, weights: str | None) -> bool:
-    """Whether the LPIPS backbone's ImageNet weights are on this machine (never downloads)."""
-    from vqtool.eval import pretrained
-    from vqtool.eval.perceptual import backbone_weights
-
-    try:
-        pretrained.locate(backbone_weights(net), weights, download=False)
-    except VqtoolError:
-        return False
-    return True
-
-
 def _plan_neighbours(ctx: _Context) -> Step:
+    from vqtool.eval.perceptual import lpips_weights_present
     from vqtool.eval.stage import NeighbourSettings, neighbour_check
 
     section = ctx.section("neighbours")
