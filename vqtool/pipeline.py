@@ -37,7 +37,7 @@ import torch
 from vqtool import __version__
 from vqtool.artifacts import atomic_write_json, file_sha256, read_metadata
 from vqtool.config import load_recipe, merge, parse_overrides, to_dict
-from vqtool.console import CallbackBar, console, progress
+from vqtool.console import CallbackBar, console
 from vqtool.data.manifest import MANIFEST_NAME, manifest_sha256
 from vqtool.errors import Interrupted, VqtoolError
 from vqtool.runs import RunPaths
@@ -523,6 +523,7 @@ def _plan_eval(ctx: _Context) -> Step:
 
 
 def _plan_neighbours(ctx: _Context) -> Step:
+    from vqtool.eval.neighbours import pixel_neighbours
     from vqtool.eval.perceptual import lpips_weights_present
     from vqtool.eval.stage import NeighbourSettings, neighbour_check
 
@@ -598,64 +599,6 @@ def _refuse_unknown(section: dict[str, Any], settings, where: str) -> None:
     unknown = sorted(set(section) - known)
     if unknown:
         raise VqtoolError(f"{where}: unknown setting(s) {', '.join(unknown)}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Neighbours without LPIPS weights: nearest training images by pixel distance
-
-
-def pixel_neighbours(paths: RunPaths, settings, device: str, note: str) -> dict[str, Any]:
-    """Nearest training images by RMS pixel distance instead of LPIPS: eval/<name>.png, .json, .safetensors.
-
-    The same search as `neighbour_check` (full-size thumbnails make its pre-selection the exact pixel
-    ranking), so the grid still shows whether samples copy training images. There is no memorisation
-    verdict: pixel distance favours blurry images, so unsharp samples would look "closer" to the
-    training set than real held-out images do.
-    """
-    import numpy as np
-
-    from vqtool.artifacts import atomic_write_bytes
-    from vqtool.device import resolve_device
-    from vqtool.eval.figures import neighbour_grid
-    from vqtool.eval.neighbours import preselect
-    from vqtool.eval.report import write_report
-    from vqtool.eval.sources import resolve_path_source, samples_source, shards_source
-    from vqtool.grids import png_bytes
-    from vqtool.vq.store import load_vq
-
-    s = settings
-    dev = resolve_device(device)
-    vq = load_vq(Path(s.vq) if s.vq else paths.vq, dev)
-    shards = Path(s.shards) if s.shards else paths.shards
-    train = resolve_path_source(s.train, "--train", "train") if s.train else shards_source(shards, "train")
-    if s.fake:
-        fake = resolve_path_source(s.fake, "--fake", "train", train.image_size, lambda: vq, dev)
-    else:
-        fake = samples_source(paths.samples_artifact, vq, dev, option="neighbours")
-    fake.check(s.n)
-    train.check(1)
-    samples = torch.cat(list(fake.batches(s.n, s.batch_size)))
-    with progress() as bar:
-        job = bar.add_task("pixel neighbours", total=train.available, status="")
-        cand, pool, seen = preselect(samples, train.batches(train.available, s.batch_size), s.k,
-                                     thumb_size=train.image_size, on_batch=lambda k: bar.advance(job, k))
-    neighbours = torch.stack([torch.stack([pool[int(i)] for i in row]) for row in cand]).float() / 127.5 - 1.0
-    # RMS over pixel values in [0, 1]: 0 is identical, 1 is black against white everywhere.
-    dist = ((neighbours - samples.unsqueeze(1)) / 2).pow(2).flatten(2).mean(2).sqrt()
-    paths.eval.mkdir(parents=True, exist_ok=True)
-    grid_path = paths.eval / f"{s.name}.png"
-    atomic_write_bytes(grid_path, png_bytes(np.asarray(neighbour_grid(samples, neighbours, dist, set(), cand))))
-    metrics = {"sample_nn_median": float(dist[:, 0].median()), "sample_nn_min": float(dist[:, 0].min())}
-    body = {"distance": "pixel-rms", "note": note, "verdict": "unavailable (pixel distance)",
-            "message": f"nearest training images of {s.n} samples by pixel distance; no memorisation verdict "
-                       "without LPIPS (pixel distance favours blurry images)",
-            "train_images": seen, "fake": {**fake.describe, "n": s.n}, "train": train.describe,
-            "grid": str(grid_path)}
-    parents = {"vq": vq.sha256, **{f"fake_{k}": v for k, v in fake.parents.items()},
-               **{f"train_{k}": v for k, v in train.parents.items()}}
-    return write_report(paths.eval / f"{s.name}.json", paths.eval / f"{s.name}.safetensors", metrics, body,
-                        {**to_dict(s), "distance": "pixel-rms", "device": dev.type}, parents,
-                        {"distances": dist, "indices": cand})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -922,6 +865,6 @@ def ledger_entries(run: str | Path) -> dict[str, dict[str, Any]]:
 
 __all__ = [
     "STAGES", "PipelineOptions", "PipelineResult", "StageReport", "apply_overrides", "check_recipe",
-    "extract_image", "folder_fingerprint", "input_hash", "ledger_entries", "load_and_run", "pixel_neighbours",
+    "extract_image", "folder_fingerprint", "input_hash", "ledger_entries", "load_and_run",
     "quickstart", "quickstart_recipe", "recipe_stages", "run_pipeline",
 ]
