@@ -368,7 +368,7 @@ _INPAINT_KEYS = {"image": None, "box": None, "mask": None, "n": 8, "keep_pixels"
 
 
 def _plan_inpaint(ctx: _Context) -> Step:
-    from vqtool.prior.inpaint import inpaint_image, parse_box
+    from vqtool.prior.inpaint import centre_box, extract_image, inpaint_image, parse_box, read_image_size
 
     section = ctx.section("inpaint")
     extra = _pop(section, _INPAINT_KEYS)
@@ -403,7 +403,7 @@ def _plan_inpaint(ctx: _Context) -> Step:
         class_id = extra["class"]
         if class_id is None and chosen["label"] is not None and _conditional(ctx.paths.prior):
             class_id = chosen["label"]  # complete the image as its own class
-        region = box if box is not None or mask is not None else centre_box(_image_size(path))
+        region = box if box is not None or mask is not None else centre_box(read_image_size(path))
         with CallbackBar("inpainting") as bar:
             r = inpaint_image(ctx.paths.prior, ctx.paths.vq, path, ctx.paths.inpaint, int(extra["n"]), settings,
                               mask_path=mask, box=region, keep_pixels=bool(extra["keep_pixels"]), class_id=class_id,
@@ -413,54 +413,6 @@ def _plan_inpaint(ctx: _Context) -> Step:
                        f"regenerated in {r.steps_run} steps")
 
     return Step("inpaint", recorded, ctx.paths.inpaint / "inpaint.safetensors", inputs, run)
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(W, H) of an image file as `inpaint` sees it (EXIF orientation applied)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return (ImageOps.exif_transpose(img) or img).size
-    except (OSError, UnidentifiedImageError) as exc:
-        raise VqtoolError(f"{path}: cannot read the inpaint image ({str(exc).splitlines()[0]})") from None
-
-
-def centre_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The middle quarter (half the width, half the height) of an image of `size` (W, H)."""
-    w, h = size
-    return w // 4, h // 4, w - w // 4, h - h // 4
-
-
-def extract_image(shards: Path, index: int, dest: Path, write: bool = True) -> tuple[Path, int | None]:
-    """Write image `index` of the val split (the train split if val is empty) to `dest`; return (dest, label).
-
-    With `write` False nothing is written; a `dest` that is missing or holds another image is then
-    reported as a path that does not exist (its stage has to run).
-    """
-    from vqtool.data.loader import ShardLoader
-    from vqtool.data.manifest import read_manifest
-    from vqtool.grids import png_bytes, to_uint8
-
-    manifest = read_manifest(shards)
-    split = "val" if manifest["counts"].get("val", 0) > 0 else "train"
-    if not 0 <= index < manifest["counts"][split]:
-        raise VqtoolError(f"inpaint.val_index {index}: the {split} split of {shards} has "
-                          f"{manifest['counts'][split]} images")
-    seen = 0
-    for images, labels in ShardLoader(shards, split, batch_size=64, infinite=False):
-        if index < seen + images.shape[0]:
-            data = png_bytes(to_uint8(images[index - seen]))
-            label = int(labels[index - seen]) if labels is not None else None
-            if not dest.exists() or dest.read_bytes() != data:  # an unchanged file keeps its hash cache
-                if not write:
-                    return dest.with_name(dest.name + ".not-made-yet"), label
-                from vqtool.artifacts import atomic_write_bytes
-
-                atomic_write_bytes(dest, data)
-            return dest, label
-        seen += images.shape[0]
-    raise VqtoolError(f"{shards}: image {index} of the {split} split not found")
 
 
 def _conditional(prior: Path) -> bool:
@@ -865,6 +817,6 @@ def ledger_entries(run: str | Path) -> dict[str, dict[str, Any]]:
 
 __all__ = [
     "STAGES", "PipelineOptions", "PipelineResult", "StageReport", "apply_overrides", "check_recipe",
-    "extract_image", "folder_fingerprint", "input_hash", "ledger_entries", "load_and_run",
+    "folder_fingerprint", "input_hash", "ledger_entries", "load_and_run",
     "quickstart", "quickstart_recipe", "recipe_stages", "run_pipeline",
 ]
