@@ -96,3 +96,20 @@ def test_split_overrides_routes_keys():
     assert cfg.lr == 1e-3 and cfg.batch_size == 8  # YAML reads 1e-3 as a string; the config takes it as a float
     with pytest.raises(VqtoolError, match="unknown setting"):
         split_overrides(["vq.lr=1"])
+
+
+def test_encode_command_takes_its_defaults_from_the_encode_settings(monkeypatch):
+    from vqtool.vq import encode
+    from vqtool.vq.encode import EncodeSettings
+
+    seen = []
+
+    def fake(run, vq, shards, out, **kw):
+        seen.append(kw)
+        raise VqtoolError("stop here")
+
+    monkeypatch.setattr(encode, "encode_dataset", fake)
+    invoke("encode", "--run", "r")
+    invoke("encode", "--run", "r", "--batch-size", 3, "--weights", "model")
+    default = EncodeSettings()
+    assert [(kw["batch_size"], kw["weights"]) for kw in seen] == [(default.batch_size, default.weights), (3, "model")]

@@ -285,14 +285,8 @@ def _plan_train_vq(ctx: _Context) -> Step:
                 checkpoint=ctx.paths.checkpoint(STAGE), limits=("train_vq.max_steps", "train_vq.max_minutes"))
 
 
-@dataclass
-class EncodeSettings:
-    batch_size: int = 64
-    weights: str = "ema"  # which weights of vq.safetensors encode: ema | model
-
-
 def _plan_encode(ctx: _Context) -> Step:
-    from vqtool.vq.encode import encode_dataset
+    from vqtool.vq.encode import EncodeSettings, encode_dataset
 
     s = merge(EncodeSettings, ctx.section("encode"), where="encode")
 

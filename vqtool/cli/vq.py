@@ -10,13 +10,14 @@ import typer
 from rich.markup import escape
 
 from vqtool.cli import options, stage_command
-from vqtool.config import load_recipe, parse_overrides
+from vqtool.config import load_recipe, merge, parse_overrides
 from vqtool.console import console, summary_table
 from vqtool.errors import Interrupted, VqtoolError
 
 Threads = typer.Option(
     0, "--threads", help="CPU threads for torch (0 = torch's default). 1 is fastest on a busy shared machine.")
-Weights = typer.Option("ema", "--weights", help="Which weights of vq.safetensors to use: ema or model (raw).")
+_WEIGHTS_HELP = "Which weights of vq.safetensors to use: ema or model (raw)."
+Weights = typer.Option("ema", "--weights", help=_WEIGHTS_HELP)
 VQPath = typer.Option(None, "--vq", help="VQ model to use (default: RUN/vq.safetensors).")
 
 
@@ -137,18 +138,20 @@ def encode_command(
     vq: Path = VQPath,
     shards: Path = typer.Option(None, "--shards", help="Shards folder to encode (default: RUN/shards)."),
     out: Path = typer.Option(None, "--out", help="Latents file to write (default: RUN/latents.safetensors)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    weights: str = Weights,
+    # Defaults: vqtool.vq.encode.EncodeSettings, shared with the pipeline's `encode:` section.
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass."),
+    weights: str = typer.Option(None, "--weights", help=_WEIGHTS_HELP),
     device: str = options.Device,
     threads: int = Threads,
     overwrite: bool = options.Overwrite,
 ) -> None:
     """Encode the train and val shards into token grids → RUN/latents.safetensors (parents: vq, dataset)."""
-    from vqtool.vq.encode import encode_dataset
+    from vqtool.vq.encode import EncodeSettings, encode_dataset
 
     _set_threads(threads)
-    r = encode_dataset(run, vq, shards, out, batch_size=batch_size, device=device, overwrite=overwrite,
-                       weights=weights)
+    s = merge(EncodeSettings, {"batch_size": batch_size, "weights": weights}, where="encode")
+    r = encode_dataset(run, vq, shards, out, batch_size=s.batch_size, device=device, overwrite=overwrite,
+                       weights=s.weights)
     rows = [
         ("output", r.output),
         ("status", "up to date (same VQ and data); nothing encoded" if r.reused else "encoded"),
