@@ -14,15 +14,6 @@ from vqtool.eval import features, pretrained
 from vqtool.eval.metrics import fid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Inception on 2 busy shared cores runs faster on one thread (no OpenMP spin-waiting); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     # torch-fidelity reads Inception weights only in PyTorch's own format, so this file is a torch.save.

@@ -1,7 +1,6 @@
 """The train-vq / encode / reconstruct / decode commands on the synthetic dataset, for a few steps."""
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from vqtool.cli import app
@@ -10,16 +9,6 @@ from vqtool.config import merge
 from vqtool.errors import VqtoolError
 from vqtool.runs import RunPaths
 from vqtool.vq.train import TrainVQConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which is costly on shared busy cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 TINY = ["--set", "ch=8", "--set", "ch_mult=[1,2]", "--set", "attn_resolutions=[8]", "--set", "z_channels=8",
         "--set", "codebook_size=16", "--set", "code_dim=4", "--set", "train_vq.disc_layers=2",
