@@ -699,8 +699,7 @@ def test_a_raw_os_error_from_any_stage_is_one_line(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "locked"))
 
-    monkeypatch.setattr(vqtool.data.prepare, "prepare_synthetic", fail)
-    monkeypatch.setattr("vqtool.cli.data.prepare_synthetic", fail)
+    monkeypatch.setattr(vqtool.data.prepare, "prepare_synthetic", fail)  # the command imports it when it runs
     line = error_line(invoke("prepare", "--synthetic", "shapes", "--run", tmp_path / "r"))
     assert line == f"error: {tmp_path / 'locked'}: permission denied (EACCES)"
 
