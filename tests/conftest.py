@@ -5,8 +5,9 @@
 `tiny_run`     function-scoped Path of a fresh run folder whose shards/ is a copy of `tiny_shards`,
                for tests that write stage outputs next to the data (RunPaths.of(tiny_run)).
 
-Every test runs torch on one thread: the models are tiny, and on shared busy cores a second thread
-only adds OpenMP hand-offs that cost more than the arithmetic. Tests that measure threading set it.
+Every test, and every fixture of any scope, runs torch on one thread: the models are tiny, and on shared
+busy cores a second thread only adds OpenMP hand-offs that cost more than the arithmetic. A test that
+sets another thread count has it reset to one afterwards.
 """
 
 from __future__ import annotations
@@ -21,12 +22,19 @@ TINY_COUNT = 48
 TINY_SIZE = 16
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
+    # Session scope: set before module- and session-scoped fixtures (trained models, Inception) are built.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_after_each_test(one_thread):
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

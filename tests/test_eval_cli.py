@@ -14,15 +14,6 @@ from vqtool.eval import features
 from vqtool.grids import to_uint8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Convolutions on 2 busy shared cores run faster on one thread (no OpenMP spin-waiting); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def small_inputs(monkeypatch):
     """Test speed only: Inception fed 75 px instead of 299 px."""

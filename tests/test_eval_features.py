@@ -14,15 +14,6 @@ from vqtool.eval import features, pretrained
 from vqtool.eval.metrics import fid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Inception on 2 busy shared cores runs faster on one thread (no OpenMP spin-waiting); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
     # torch-fidelity reads Inception weights only in PyTorch's own format, so this file is a torch.save.
@@ -109,6 +100,19 @@ def test_weights_in_the_hub_cache_are_found_without_the_option(empty_hub, incept
     ex = features.load_extractor("inception", None, "cpu", download=False)
     assert ex.weights_path == empty_hub / "weights-inception-2015-12-05-6726825d.pth"
     assert ex.weights_sha256 == file_sha256(inception_weights)
+
+
+def test_weight_probes_say_whether_the_weights_are_here_without_downloading(empty_hub, inception_weights):
+    from vqtool.eval.perceptual import backbone_weights, lpips_weights_present
+
+    assert not features.feature_weights_present("inception")  # `empty_hub` fails any download attempt
+    assert not lpips_weights_present("alex")
+    assert features.feature_weights_present("inception", inception_weights)
+    empty_hub.mkdir(parents=True)
+    (empty_hub / "weights-inception-2015-12-05-6726825d.pth").symlink_to(inception_weights)
+    (empty_hub / backbone_weights("alex").filename).write_bytes(b"")  # the probe locates, it does not load
+    assert features.feature_weights_present("inception") and lpips_weights_present("alex")
+    assert not lpips_weights_present("vgg")
 
 
 def test_explicit_weights_path_that_does_not_exist(tmp_path):

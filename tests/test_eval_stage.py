@@ -23,15 +23,6 @@ from vqtool.eval.stage import EvalSettings, evaluate
 from vqtool.grids import to_uint8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Inception on 2 busy shared cores runs faster on one thread (no OpenMP spin-waiting); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def small_inputs(monkeypatch):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3

@@ -58,12 +58,12 @@ from vqtool.artifacts import file_sha256, load_artifact, read_metadata, save_art
 from vqtool.cli import app
 from vqtool.data.manifest import read_manifest
 from vqtool.data.prepare import PrepareSettings, _split_order, prepare_images
-from vqtool.errors import VqtoolError
+from vqtool.errors import Interrupted, VqtoolError
 from vqtool.outputs import check_writable, matcher, os_error_message, remove_created, staged_folder
 from vqtool.prior.train import PriorTrainTask, train_prior
 from vqtool.runlock import RunLock, lock_path
 from vqtool.runs import RunPaths
-from vqtool.training import EMA, Interrupted, LoopSettings, remove_stale_temporaries, run_loop
+from vqtool.training import EMA, LoopSettings, remove_stale_temporaries, run_loop
 from vqtool.vq.model import VQConfig
 from vqtool.vq.train import TrainVQConfig, train_vq
 
@@ -699,8 +699,7 @@ def test_a_raw_os_error_from_any_stage_is_one_line(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "locked"))
 
-    monkeypatch.setattr(vqtool.data.prepare, "prepare_synthetic", fail)
-    monkeypatch.setattr("vqtool.cli.data.prepare_synthetic", fail)
+    monkeypatch.setattr(vqtool.data.prepare, "prepare_synthetic", fail)  # the command imports it when it runs
     line = error_line(invoke("prepare", "--synthetic", "shapes", "--run", tmp_path / "r"))
     assert line == f"error: {tmp_path / 'locked'}: permission denied (EACCES)"
 

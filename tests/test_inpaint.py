@@ -11,7 +11,17 @@ from test_sampling import Spy, V, tiny_prior, write_tiny_run
 from typer.testing import CliRunner
 
 from vqtool.errors import VqtoolError
-from vqtool.prior.inpaint import box_mask, cell_mask, fit_mask, inpaint_tokens, parse_box, token_mask
+from vqtool.prior.inpaint import (
+    box_mask,
+    cell_mask,
+    centre_box,
+    extract_image,
+    fit_mask,
+    inpaint_tokens,
+    parse_box,
+    read_image_size,
+    token_mask,
+)
 from vqtool.prior.sample import SampleSettings, TransformerPredictor
 from vqtool.prior.schedules import Draw, RandomSchedule, reveal
 
@@ -44,6 +54,19 @@ def test_parse_box_and_bounds():
         box_mask((5, 0, 5, 4), (16, 16))  # empty
     with pytest.raises(VqtoolError, match="--box"):
         box_mask((0, 0, 17, 4), (16, 16))  # outside
+
+
+def test_the_pipeline_source_image_is_a_val_image_of_the_shards(tiny_shards, tmp_path):
+    dest = tmp_path / "source.png"
+    assert extract_image(tiny_shards, 3, dest, write=False)[0].name == "source.png.not-made-yet"
+    assert not dest.exists()
+    path, label = extract_image(tiny_shards, 3, dest)
+    assert path == dest and 0 <= label < 8 and read_image_size(dest) == (16, 16)
+    assert extract_image(tiny_shards, 3, dest, write=False) == (dest, label)  # already there: nothing to make
+    assert extract_image(tiny_shards, 4, dest, write=False)[0] != dest  # another image: its stage has to run
+    assert centre_box((16, 12)) == (4, 3, 12, 9)
+    with pytest.raises(VqtoolError, match="inpaint.val_index 12: the val split .* has 12 images"):
+        extract_image(tiny_shards, 12, dest)
 
 
 def test_fit_mask_follows_the_centre_crop():

@@ -16,15 +16,6 @@ from vqtool.eval.stage import NeighbourSettings, neighbour_check
 from vqtool.grids import to_uint8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Convolutions on 2 busy shared cores run faster on one thread (no OpenMP spin-waiting); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def lpips_model():
     return load_lpips("alex", random_backbone=True)

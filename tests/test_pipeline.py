@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from vqtool.artifacts import file_sha256, load_artifact, read_metadata
 from vqtool.data.manifest import manifest_sha256
-from vqtool.errors import VqtoolError
+from vqtool.errors import Interrupted, VqtoolError
 from vqtool.pipeline import (
     STAGES,
     PipelineOptions,
@@ -34,7 +34,6 @@ from vqtool.pipeline import (
     run_pipeline,
 )
 from vqtool.runs import RunPaths
-from vqtool.training import Interrupted
 
 SIZE = 16
 TINY = [
@@ -290,11 +289,11 @@ def _recipe() -> dict:
 
 
 def test_weights_appearing_later_rerun_only_eval_and_neighbours(quick, tmp_path, monkeypatch):
-    import vqtool.pipeline as pipeline
+    from vqtool.eval import features, perceptual
 
     run = _copy(quick[0], tmp_path)
-    monkeypatch.setattr(pipeline, "feature_weights_present", lambda settings: True)
-    monkeypatch.setattr(pipeline, "lpips_weights_present", lambda net, weights: True)
+    monkeypatch.setattr(features, "feature_weights_present", lambda name, weights, layer: True)
+    monkeypatch.setattr(perceptual, "lpips_weights_present", lambda net, weights: True)
     result = quickstart(run, TINY, PipelineOptions(**OPTIONS, dry_run=True))
     why = {r.stage: r.why for r in result.stages if r.status == "would run"}
     assert set(why) == {"eval", "neighbours"}

@@ -1,7 +1,6 @@
 """The train-vq / encode / reconstruct / decode commands on the synthetic dataset, for a few steps."""
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from vqtool.cli import app
@@ -10,16 +9,6 @@ from vqtool.config import merge, split_sets
 from vqtool.errors import VqtoolError
 from vqtool.runs import RunPaths
 from vqtool.vq.train import TrainVQConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which is costly on shared busy cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 TINY = ["--set", "ch=8", "--set", "ch_mult=[1,2]", "--set", "attn_resolutions=[8]", "--set", "z_channels=8",
         "--set", "codebook_size=16", "--set", "code_dim=4", "--set", "train_vq.disc_layers=2",
@@ -97,3 +86,20 @@ def test_split_overrides_routes_keys():
     assert cfg.lr == 1e-3 and cfg.batch_size == 8  # YAML reads 1e-3 as a string; the config takes it as a float
     with pytest.raises(VqtoolError, match="unknown setting"):
         split_sets(["vq.lr=1"], train_vq_parts())
+
+
+def test_encode_command_takes_its_defaults_from_the_encode_settings(monkeypatch):
+    from vqtool.vq import encode
+    from vqtool.vq.encode import EncodeSettings
+
+    seen = []
+
+    def fake(run, vq, shards, out, **kw):
+        seen.append(kw)
+        raise VqtoolError("stop here")
+
+    monkeypatch.setattr(encode, "encode_dataset", fake)
+    invoke("encode", "--run", "r")
+    invoke("encode", "--run", "r", "--batch-size", 3, "--weights", "model")
+    default = EncodeSettings()
+    assert [(kw["batch_size"], kw["weights"]) for kw in seen] == [(default.batch_size, default.weights), (3, "model")]

@@ -6,15 +6,6 @@ import torch
 from vqtool.vq.diffaug import POLICIES, color, cutout, diff_augment, translation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which is costly on shared busy cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def g(seed=0):
     return torch.Generator().manual_seed(seed)
 

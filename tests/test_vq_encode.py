@@ -17,15 +17,6 @@ from vqtool.vq.model import VQConfig, VQModel
 from vqtool.vq.store import load_vq, save_vq
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which is costly on shared busy cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_vq(run, seed=0, codebook_size=16) -> VQModel:
     """A randomly initialised tiny VQ saved as RUN/vq.safetensors (no training needed for these tests)."""
     torch.manual_seed(seed)

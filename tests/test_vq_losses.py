@@ -9,15 +9,6 @@ from vqtool.vq.model import VQConfig, VQModel
 from vqtool.vq.perceptual import build_lpips, build_perceptual, hub_checkpoint_path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which is costly on shared busy cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("n_layers,size,out", [(3, 32, 2), (2, 16, 2), (1, 16, 6), (3, 24, 1)])
 def test_patch_discriminator_map_size(n_layers, size, out):
     d = PatchDiscriminator(ch=4, n_layers=n_layers)

@@ -2,20 +2,10 @@
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from vqtool.vq.quantize import VectorQuantizer, codebook_stats, kmeans
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which is costly on shared busy cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_nearest_lookup_and_losses_match_hand_computation():

@@ -13,15 +13,6 @@ from vqtool.vq.store import load_vq
 from vqtool.vq.train import TrainVQConfig, VQTrainer, train_vq
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which is costly on shared busy cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_vq(**kw) -> VQConfig:
     base = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], z_channels=8, codebook_size=16,
                 code_dim=4, kmeans_init=True, restart_threshold=0.5, usage_decay=0.5)

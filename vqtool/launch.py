@@ -33,8 +33,7 @@ from typing import Any
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from vqtool.errors import VqtoolError
-from vqtool.training import Interrupted
+from vqtool.errors import Interrupted, VqtoolError
 
 # Longer than torch's 30 s: after a Ctrl-C a rank finishes its step, then writes checkpoint and outputs.
 SHUTDOWN_SECONDS = 120

@@ -119,15 +119,6 @@ class LoopResult:
     stopped_by: signal.Signals | None = None  # the signal of an "interrupted" stop: SIGINT or SIGTERM
 
 
-class Interrupted(Exception):
-    """Raised by the CLI layer after a clean stop on a signal; the process exits with 128 + the signal's
-    number, as a shell reports a process the signal killed: 130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
-
-    def __init__(self, message: str, signum: int | None = None):
-        super().__init__(message)
-        self.exit_status = 128 + int(signum if signum is not None else signal.SIGINT)
-
-
 # --------------------------------------------------------------------------------------------------
 # Random state of the process (the task keeps its own generators in its state_dict)
 

@@ -25,10 +25,8 @@ try:
     import typer
 
     from vqtool.console import console
-    from vqtool.errors import VqtoolError
-    from vqtool.launch import record_crash, record_error
+    from vqtool.errors import Interrupted, VqtoolError
     from vqtool.outputs import os_error_message
-    from vqtool.training import Interrupted
 except KeyboardInterrupt:
     _interrupted_at_startup()
 
@@ -42,9 +40,19 @@ app = typer.Typer(
 )
 
 
+def _under_launcher() -> bool:
+    # Only a rank started by torchrun or --nproc-per-node has an error file; vqtool.launch imports torch.
+    import os
+
+    return "TORCHELASTIC_ERROR_FILE" in os.environ
+
+
 def fail(message: str) -> None:
     console.print(f"[bold red]error:[/bold red] {_escape(message)}", soft_wrap=True, highlight=False)
-    record_error(message)
+    if _under_launcher():
+        from vqtool.launch import record_error
+
+        record_error(message)
 
 
 def _escape(text: str) -> str:
@@ -100,6 +108,9 @@ def main() -> None:
     except KeyboardInterrupt:  # while typer builds the command, before a stage's own handling
         _interrupted_at_startup()
     except Exception as exc:
-        record_crash(exc)
+        if _under_launcher():
+            from vqtool.launch import record_crash
+
+            record_crash(exc)
         raise
     sys.exit(code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -11,10 +12,11 @@ from rich.table import Table
 from vqtool.cli import options, stage_command
 from vqtool.config import Part, load_recipe, stage_settings
 from vqtool.console import console, summary_table
-from vqtool.data.describe import describe, human_bytes
-from vqtool.data.prepare import PrepareResult, PrepareSettings, prepare_images, prepare_synthetic
 from vqtool.errors import VqtoolError
 from vqtool.runs import RunPaths
+
+if TYPE_CHECKING:
+    from vqtool.data.prepare import PrepareResult
 
 # Recipe keys of the `prepare` section that choose the input rather than a setting.
 _INPUT_KEYS = ("source", "synthetic", "count")
@@ -41,6 +43,8 @@ def prepare_command(
     overwrite: bool = options.Overwrite,
 ) -> None:
     """Convert images (or the built-in synthetic dataset) into webdataset shards + manifest.json."""
+    from vqtool.data.prepare import PrepareSettings, prepare_images, prepare_synthetic
+
     section = dict(load_recipe(config).get("prepare") or {})
     inputs = {k: section.pop(k) for k in _INPUT_KEYS if k in section}
     cli = dict(size=size, crop=crop, background=background, val_fraction=val_fraction, shard_size=shard_size,
@@ -65,6 +69,8 @@ def prepare_command(
 
 
 def _summary_rows(r: PrepareResult) -> list[tuple[str, object]]:
+    from vqtool.data.describe import human_bytes
+
     rows: list[tuple[str, object]] = [
         ("source", r.manifest["source"]),
         ("output", r.shards_dir),
@@ -89,6 +95,8 @@ def info_command(
     all_skipped: bool = typer.Option(False, "--all", help="List every tensor / skipped file instead of the first few."),
 ) -> None:
     """Describe an artifact (kind, config, parents, tensors, size) or a shards folder (manifest summary)."""
+    from vqtool.data.describe import describe
+
     d = describe(path)
     console.print(summary_table(escape(d.title), [(k, escape(v)) for k, v in d.rows]))
     if d.config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -10,7 +11,9 @@ from rich.table import Table
 
 from vqtool.cli import stage_command
 from vqtool.console import console, summary_table
-from vqtool.pipeline import PipelineOptions, PipelineResult
+
+if TYPE_CHECKING:
+    from vqtool.pipeline import PipelineResult
 
 _Threads = typer.Option(None, "--threads", help="torch CPU threads (0: torch's default; default: the recipe's "
                                                 "`threads:`). 1 is fastest on a busy shared machine.")
@@ -41,7 +44,7 @@ def quickstart_command(
     """The whole pipeline on the built-in synthetic shapes, CPU-sized (under 10 minutes on 2 cores):
     prepare → train-vq → encode → train-prior → sample → inpaint → eval → neighbours → RUN/index.html.
     Rerunning skips every stage that is up to date."""
-    from vqtool.pipeline import quickstart
+    from vqtool.pipeline import PipelineOptions, quickstart
 
     opts = PipelineOptions(seed=seed, device=device, precision=precision, threads=threads, overwrite=overwrite,
                            dry_run=dry_run)
@@ -63,7 +66,7 @@ def run_command(
     dry_run: bool = _DryRun,
 ) -> None:
     """Run a recipe's stages in order, skipping those whose outputs are up to date (provenance hashes)."""
-    from vqtool.pipeline import load_and_run
+    from vqtool.pipeline import PipelineOptions, load_and_run
 
     opts = PipelineOptions(seed=seed, device=device, precision=precision, threads=threads, overwrite=overwrite,
                            dry_run=dry_run)

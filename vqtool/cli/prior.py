@@ -10,11 +10,8 @@ from rich.markup import escape
 from vqtool.cli import options, stage_command
 from vqtool.config import Part, choose, load_recipe
 from vqtool.console import console, summary_table
-from vqtool.distributed import process_info
-from vqtool.finetune import init_row
-from vqtool.launch import launch_ranks
+from vqtool.errors import Interrupted
 from vqtool.runs import RunPaths
-from vqtool.training import Interrupted
 
 
 def train_prior_parts() -> tuple[Part, ...]:
@@ -66,6 +63,9 @@ def train_prior_command(
     nproc_per_node: int = options.NprocPerNode,
 ) -> None:
     """Train the transformer prior on RUN/latents.safetensors → RUN/prior.safetensors (best validation bound)."""
+    from vqtool.distributed import process_info
+    from vqtool.finetune import init_row
+    from vqtool.launch import launch_ranks
     from vqtool.prior.train import stage_names, train_prior
 
     cli = dict(prior=prior, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,

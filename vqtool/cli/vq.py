@@ -9,14 +9,12 @@ import typer
 from rich.markup import escape
 
 from vqtool.cli import options, stage_command
-from vqtool.config import Part, choose, load_recipe
+from vqtool.config import Part, choose, load_recipe, stage_settings
 from vqtool.console import console, summary_table
-from vqtool.distributed import process_info
-from vqtool.finetune import init_row
-from vqtool.launch import launch_ranks
-from vqtool.training import Interrupted
+from vqtool.errors import Interrupted
 
-Weights = typer.Option("ema", "--weights", help="Which weights of vq.safetensors to use: ema or model (raw).")
+_WEIGHTS_HELP = "Which weights of vq.safetensors to use: ema or model (raw)."
+Weights = typer.Option("ema", "--weights", help=_WEIGHTS_HELP)
 VQPath = typer.Option(None, "--vq", help="VQ model to use (default: RUN/vq.safetensors).")
 
 
@@ -69,6 +67,9 @@ def train_vq_command(
     nproc_per_node: int = options.NprocPerNode,
 ) -> None:
     """Train the VQGAN codebook model on RUN/shards → RUN/vq.safetensors (EMA + raw weights, codebook stats)."""
+    from vqtool.distributed import process_info
+    from vqtool.finetune import init_row
+    from vqtool.launch import launch_ranks
     from vqtool.vq.train import train_vq
 
     options.apply_threads(threads)
@@ -106,19 +107,22 @@ def encode_command(
     vq: Path = VQPath,
     shards: Path = typer.Option(None, "--shards", help="Shards folder to encode (default: RUN/shards)."),
     out: Path = typer.Option(None, "--out", help="Latents file to write (default: RUN/latents.safetensors)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
-    weights: str = Weights,
+    # Defaults: vqtool.vq.encode.EncodeSettings, shared with the pipeline's `encode:` section.
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass."),
+    weights: str = typer.Option(None, "--weights", help=_WEIGHTS_HELP),
     device: str = options.Device,
     precision: str = options.Precision,
     threads: int = options.Threads,
     overwrite: bool = options.Overwrite,
 ) -> None:
     """Encode the train and val shards into token grids → RUN/latents.safetensors (parents: vq, dataset)."""
-    from vqtool.vq.encode import encode_dataset
+    from vqtool.vq.encode import EncodeSettings, encode_dataset
 
     options.apply_threads(threads)
-    r = encode_dataset(run, vq, shards, out, batch_size=batch_size, device=device, overwrite=overwrite,
-                       weights=weights, precision=precision)
+    s = stage_settings((Part(EncodeSettings, ("encode",)),), {}, None,
+                       {"encode": {"batch_size": batch_size, "weights": weights}})["encode"]
+    r = encode_dataset(run, vq, shards, out, batch_size=s.batch_size, device=device, overwrite=overwrite,
+                       weights=s.weights, precision=precision)
     rows = [
         ("output", r.output),
         ("status", "up to date (same VQ and data); nothing encoded" if r.reused else "encoded"),

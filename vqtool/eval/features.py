@@ -159,6 +159,15 @@ def load_extractor(
                      device=device, compiled=torch.compile(model, dynamic=False) if compile else None)
 
 
+def feature_weights_present(name: str, weights: str | Path | None = None, layer: str | None = None) -> bool:
+    """Whether extractor `name` loads with the weights on this machine (never downloads)."""
+    try:
+        load_extractor(name, weights, "cpu", download=False, layer=layer)
+    except VqtoolError:
+        return False
+    return True
+
+
 def _dinov2_checkpoint(name: str, weights: str | Path | None, download: bool) -> Path:
     # torch-fidelity builds DINOv2 through torch.hub (a cached repository plus a checkpoint) and takes no path.
     from torch_fidelity.feature_extractor_dinov2 import MODEL_METADATA

@@ -10,17 +10,25 @@ so their nearest-training distances show how close a novel image usually comes t
 A sample closer than the p-th percentile of those distances is "flagged"; a model that does not copy
 should have about p% flagged. Many more (a one-sided binomial test) means memorisation; a sample closer
 than every val image is reported as a possible copy.
+
+Without LPIPS weights, `pixel_neighbours` runs the same search by pixel distance alone: the grid still
+shows copies, but gives no verdict.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from vqtool.eval.perceptual import lpips_distance
+
+if TYPE_CHECKING:
+    from vqtool.runs import RunPaths
 
 
 @dataclass
@@ -42,6 +50,11 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def _from_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
+
+
+def _images_of(pool: dict[int, torch.Tensor], indices: torch.Tensor) -> torch.Tensor:
+    """(Q, k) training indices → their images (Q, k, 3, H, W) in [-1, 1], from the pre-selection's pool."""
+    return _from_uint8(torch.stack([torch.stack([pool[int(i)] for i in row]) for row in indices]))
 
 
 @torch.no_grad()
@@ -124,7 +137,7 @@ def nearest_neighbours(
     if seen == 0:
         raise ValueError("the training set is empty")
     dist, idx = rerank(queries, cand, pool, lpips_model, k, batch_size, on_query)
-    images = _from_uint8(torch.stack([torch.stack([pool[int(i)] for i in row]) for row in idx]))
+    images = _images_of(pool, idx)
     return Neighbours(distances=dist, indices=idx, images=images, train_seen=seen)
 
 
@@ -173,3 +186,61 @@ def memorisation_verdict(sample_nearest: torch.Tensor, val_nearest: torch.Tensor
     return Verdict(threshold=threshold, percentile=percentile, flagged=flagged, fraction=frac,
                    expected_fraction=expected, p_value=p_value, copies=copies, val_min=val_min,
                    verdict=verdict, message=message)
+
+
+def pixel_neighbours(paths: RunPaths, settings, device: str, note: str) -> dict[str, Any]:
+    """Nearest training images by RMS pixel distance instead of LPIPS: eval/<name>.png, .json, .safetensors.
+
+    The same search as `neighbour_check` (full-size thumbnails make its pre-selection the exact pixel
+    ranking), so the grid still shows whether samples copy training images. There is no memorisation
+    verdict: pixel distance favours blurry images, so unsharp samples would look "closer" to the
+    training set than real held-out images do.
+
+    `settings` are the neighbours stage's (vqtool.eval.stage.NeighbourSettings); `note` says why LPIPS is
+    not used.
+    """
+    import numpy as np
+
+    from vqtool.artifacts import atomic_write_bytes
+    from vqtool.config import to_dict
+    from vqtool.console import progress
+    from vqtool.device import resolve_device
+    from vqtool.eval.figures import neighbour_grid
+    from vqtool.eval.report import write_report
+    from vqtool.eval.sources import resolve_path_source, samples_source, shards_source
+    from vqtool.grids import png_bytes
+    from vqtool.vq.store import load_vq
+
+    s = settings
+    dev = resolve_device(device)
+    vq = load_vq(Path(s.vq) if s.vq else paths.vq, dev)
+    shards = Path(s.shards) if s.shards else paths.shards
+    train = resolve_path_source(s.train, "--train", "train") if s.train else shards_source(shards, "train")
+    if s.fake:
+        fake = resolve_path_source(s.fake, "--fake", "train", train.image_size, lambda: vq, dev)
+    else:
+        fake = samples_source(paths.samples_artifact, vq, dev, option="neighbours")
+    fake.check(s.n)
+    train.check(1)
+    samples = torch.cat(list(fake.batches(s.n, s.batch_size)))
+    with progress() as bar:
+        job = bar.add_task("pixel neighbours", total=train.available, status="")
+        cand, pool, seen = preselect(samples, train.batches(train.available, s.batch_size), s.k,
+                                     thumb_size=train.image_size, on_batch=lambda k: bar.advance(job, k))
+    neighbours = _images_of(pool, cand)
+    # RMS over pixel values in [0, 1]: 0 is identical, 1 is black against white everywhere.
+    dist = ((neighbours - samples.unsqueeze(1)) / 2).pow(2).flatten(2).mean(2).sqrt()
+    paths.eval.mkdir(parents=True, exist_ok=True)
+    grid_path = paths.eval / f"{s.name}.png"
+    atomic_write_bytes(grid_path, png_bytes(np.asarray(neighbour_grid(samples, neighbours, dist, set(), cand))))
+    metrics = {"sample_nn_median": float(dist[:, 0].median()), "sample_nn_min": float(dist[:, 0].min())}
+    body = {"distance": "pixel-rms", "note": note, "verdict": "unavailable (pixel distance)",
+            "message": f"nearest training images of {s.n} samples by pixel distance; no memorisation verdict "
+                       "without LPIPS (pixel distance favours blurry images)",
+            "train_images": seen, "fake": {**fake.describe, "n": s.n}, "train": train.describe,
+            "grid": str(grid_path)}
+    parents = {"vq": vq.sha256, **{f"fake_{k}": v for k, v in fake.parents.items()},
+               **{f"train_{k}": v for k, v in train.parents.items()}}
+    return write_report(paths.eval / f"{s.name}.json", paths.eval / f"{s.name}.safetensors", metrics, body,
+                        {**to_dict(s), "distance": "pixel-rms", "device": dev.type}, parents,
+                        {"distances": dist, "indices": cand})

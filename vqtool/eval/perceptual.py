@@ -32,6 +32,15 @@ def backbone_weights(net: str) -> WeightsFile:
     return WeightsFile(f"LPIPS {net} backbone (torchvision ImageNet)", url.rsplit("/", 1)[1], url, "--lpips-weights")
 
 
+def lpips_weights_present(net: str, weights: str | Path | None = None) -> bool:
+    """Whether the LPIPS backbone's ImageNet weights are on this machine (never downloads)."""
+    try:
+        pretrained.locate(backbone_weights(net), weights, download=False)
+    except VqtoolError:
+        return False
+    return True
+
+
 def load_lpips(
     net: str = "alex",
     weights: str | Path | None = None,

@@ -85,6 +85,12 @@ def crop_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
+def centre_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The middle quarter (half the width, half the height) of an image of `size` (W, H)."""
+    w, h = size
+    return w // 4, h // 4, w - w // 4, h - h // 4
+
+
 def fit_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
     """A pixel mask of the input image → the VQ-sized square, with the image's crop. A pixel of the
     result is masked when any part of the input pixels it covers is (area resampling, then > 0)."""
@@ -169,7 +175,7 @@ class InpaintResult:
 
 def load_image(path: Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """An image file → ((3, S, S) in [-1, 1] cropped and resized like `prepare`, its original (W, H))."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     from vqtool.data.images import ConvertSettings, SkipImage, convert_image
     from vqtool.grids import from_uint8
@@ -181,10 +187,27 @@ def load_image(path: Path, image_size: int) -> tuple[torch.Tensor, tuple[int, in
     try:
         array, _ = convert_image(data, ConvertSettings(size=image_size, crop="center"))
         with Image.open(io.BytesIO(data)) as img:
-            size = (ImageOps.exif_transpose(img) or img).size
+            size = _oriented_size(img)
     except SkipImage as exc:
         raise VqtoolError(f"{path}: cannot use this image ({exc})") from None
     return from_uint8(array), size
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """(W, H) of an image file as `inpaint` sees it (EXIF orientation applied)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return _oriented_size(img)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise VqtoolError(f"{path}: cannot read the inpaint image ({str(exc).splitlines()[0]})") from None
+
+
+def _oriented_size(img) -> tuple[int, int]:
+    from PIL import ImageOps
+
+    return (ImageOps.exif_transpose(img) or img).size
 
 
 def load_mask(path: Path, image_wh: tuple[int, int], image_size: int) -> np.ndarray:
@@ -327,3 +350,38 @@ def inpaint_image(
     return InpaintResult(tokens=completions, masked_tokens=int(masked.sum()), steps_run=steps_run,
                          original=original_path, overlay=overlay_path, completions=paths, grid=grid_path,
                          artifact=artifact, seconds=seconds, precision=chosen)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline's inpaint source: a held-out image of the run's own shards
+
+
+def extract_image(shards: Path, index: int, dest: Path, write: bool = True) -> tuple[Path, int | None]:
+    """Write image `index` of the val split (the train split if val is empty) to `dest`; return (dest, label).
+
+    With `write` False nothing is written; a `dest` that is missing or holds another image is then
+    reported as a path that does not exist (its stage has to run).
+    """
+    from vqtool.data.loader import ShardLoader
+    from vqtool.data.manifest import read_manifest
+    from vqtool.grids import png_bytes, to_uint8
+
+    manifest = read_manifest(shards)
+    split = "val" if manifest["counts"].get("val", 0) > 0 else "train"
+    if not 0 <= index < manifest["counts"][split]:
+        raise VqtoolError(f"inpaint.val_index {index}: the {split} split of {shards} has "
+                          f"{manifest['counts'][split]} images")
+    seen = 0
+    for images, labels in ShardLoader(shards, split, batch_size=64, infinite=False):
+        if index < seen + images.shape[0]:
+            data = png_bytes(to_uint8(images[index - seen]))
+            label = int(labels[index - seen]) if labels is not None else None
+            if not dest.exists() or dest.read_bytes() != data:  # an unchanged file keeps its hash cache
+                if not write:
+                    return dest.with_name(dest.name + ".not-made-yet"), label
+                from vqtool.artifacts import atomic_write_bytes
+
+                atomic_write_bytes(dest, data)
+            return dest, label
+        seen += images.shape[0]
+    raise VqtoolError(f"{shards}: image {index} of the {split} split not found")

@@ -30,6 +30,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 @dataclass
+class EncodeSettings:
+    """The encode stage's settings; the `encode` command and the pipeline's `encode:` section default to these."""
+
+    batch_size: int = 64  # images per forward pass
+    weights: str = "ema"  # which weights of vq.safetensors encode: ema | model
+
+
+@dataclass
 class EncodeResult:
     output: Path
     reused: bool  # True when up-to-date latents were already there and nothing was encoded
@@ -51,10 +59,10 @@ def encode_dataset(
     vq_path: str | Path | None = None,
     shards: str | Path | None = None,
     output: str | Path | None = None,
-    batch_size: int = 64,
+    batch_size: int = EncodeSettings.batch_size,
     device: str = "auto",
     overwrite: bool = False,
-    weights: str = "ema",
+    weights: str = EncodeSettings.weights,
     precision: str = "auto",
 ) -> EncodeResult:
     """Encode the train and val splits of the shards into token grids → latents.safetensors.
