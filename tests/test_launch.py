@@ -48,10 +48,9 @@ from vqtool import launch
 from vqtool.artifacts import load_artifact, read_metadata
 from vqtool.cli import app
 from vqtool.data.loader import ShardLoader
-from vqtool.errors import VqtoolError
+from vqtool.errors import Interrupted, VqtoolError
 from vqtool.runlock import RunLock, lock_path
 from vqtool.runs import RunPaths
-from vqtool.training import Interrupted
 from vqtool.vq.losses import PatchDiscriminator
 from vqtool.vq.model import VQModel
 from vqtool.vq.train import TrainVQConfig, train_vq
