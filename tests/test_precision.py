@@ -469,7 +469,7 @@ def test_help_offers_precision_on_every_model_stage():
 
 
 def test_a_ledger_from_before_precision_keeps_train_vq_up_to_date(tmp_path):
-    from vqtool.pipeline import Ledger
+    from vqtool.pipeline.ledger import Ledger
 
     path = tmp_path / "pipeline.json"
     path.write_text(json.dumps({"format_version": 1, "stages": {
