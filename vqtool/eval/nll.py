@@ -41,7 +41,9 @@ class SplitNll:
         """The error bar to print and what it measures: Monte-Carlo when it can be estimated (K ≥ 2), else
         the spread over images, which contains the Monte-Carlo error and bounds it."""
         mc = self.monte_carlo_se()
-        return (mc, "monte-carlo") if mc is not None else (self.images_se(), "images")
+        if mc is None:
+            return self.images_se(), "images"
+        return mc, "exact" if mc == 0 else "monte-carlo"
 
 
 @dataclass
