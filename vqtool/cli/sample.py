@@ -18,7 +18,8 @@ _Schedule = typer.Option(None, "--schedule", help="random (the paper's) | confid
 _Curve = typer.Option(None, "--curve", help="confidence schedule: cosine (default) | arccos.")
 _TopK = typer.Option(None, "--top-k", help="Draw only among the k most likely codes.")
 _TopP = typer.Option(None, "--top-p", help="Draw only from the smallest set of codes with this probability mass.")
-_Order = typer.Option(None, "--order", help="random schedule: random (default) | raster unmasking order.")
+_Order = typer.Option(None, "--order", help="Which masked tokens come first: random (default) | halton (spread "
+                                          "over the grid) | raster (random schedule only).")
 _Stride = typer.Option(None, "--stride", help="--shape larger than training: spacing of the windows (default 1).")
 _BatchSize = typer.Option(None, "--batch-size", help="Images drawn at once (default 16).")
 _Class = typer.Option(None, "--class", help="Class index or name for a class-conditional prior "
