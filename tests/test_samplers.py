@@ -227,3 +227,20 @@ def test_sample_and_inpaint_build_their_sampler_once(tmp_path, monkeypatch):
     r = inpaint_image(run / "prior.safetensors", run / "vq.safetensors", tmp_path / "red.png", tmp_path / "inpaint",
                       3, settings, box=(0, 0, 8, 8), device="cpu")
     assert made == {"make_sampler": 1, "make_schedule": 1} and r.steps_run >= 1
+
+
+def test_sample_command_takes_order_halton(tmp_path):
+    from typer.testing import CliRunner
+
+    from vqtool.cli import app
+    from vqtool.samples import load_samples
+
+    run = tmp_path / "run"
+    write_tiny_run(run)
+    args = ["sample", "--run", str(run), "--n", "2", "--steps", "4", "--device", "cpu", "--schedule", "confidence"]
+    r = CliRunner().invoke(app, [*args, "--order", "halton"])
+    assert r.exit_code == 0, r.output
+    s = load_samples(run / "samples" / "samples.safetensors")
+    assert s.settings["order"] == "halton" and s.tokens.shape == (2, 8, 8)
+    r = CliRunner().invoke(app, [*args, "--order", "raster", "--out", str(tmp_path / "other")])
+    assert r.exit_code == 2 and "the confidence schedule takes random | halton" in r.output
