@@ -23,6 +23,7 @@ import torch
 
 from vqtool.device import resolve_device
 from vqtool.prior.autoregressive import sample_autoregressive
+from vqtool.prior.logits import Draw
 from vqtool.prior.transformer import Transformer, TransformerConfig
 
 
@@ -32,7 +33,7 @@ def timed_sample(model: Transformer, n: int, shape: tuple[int, int], use_cache: 
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    tokens = sample_autoregressive(model, n, shape, 1.0, None, None, None, generator, use_cache=use_cache)
+    tokens = sample_autoregressive(model, n, shape, Draw(), None, generator, use_cache=use_cache)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, tokens

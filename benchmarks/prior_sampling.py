@@ -4,7 +4,7 @@ The reference is the paper's sampler (Unleashing Transformers' `sample`): every 
 model, computes logits at every position, draws a token everywhere, and keeps the draws at the
 positions chosen to be revealed (each masked one with probability 1/t). vqtool's sampler computes
 the head only at the revealed positions and runs the last block's queries/MLP only there
-(vqtool.prior.sample.hidden_at); `--quantize int8` also runs the Linear layers in int8.
+(vqtool.prior.transformer.Transformer.hidden_at); `--quantize int8` also runs the Linear layers in int8.
 
 Default: the issue's `bench` setting, 16 samples × 50 steps on 8 layers, width 256, 8 heads, 16×16
 tokens, 1024 codes, randomly initialised (speed does not depend on the weights). Rounds interleave the

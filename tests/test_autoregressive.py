@@ -10,7 +10,7 @@ import torch
 
 from vqtool.errors import VqtoolError
 from vqtool.prior.autoregressive import AutoregressiveObjective, sample_autoregressive, window_start
-from vqtool.prior.logits import filter_logits, sample_from_logits
+from vqtool.prior.logits import Draw, filter_logits, sample_from_logits
 from vqtool.prior.objectives import make_objective
 from vqtool.prior.transformer import Transformer, TransformerConfig
 
@@ -81,27 +81,28 @@ def test_cache_and_recompute_give_identical_tokens_and_match_reference(settings)
     model = tiny(n_classes=3)
     labels = torch.tensor([0, 2, 1, 1, 0, 2])
     kw = dict(temperature=1.0, top_k=None, top_p=None) | settings
-    cached = sample_autoregressive(model, 6, None, labels=labels, generator=gen(5), use_cache=True, **kw)
-    recomputed = sample_autoregressive(model, 6, None, labels=labels, generator=gen(5), use_cache=False, **kw)
+    draw = Draw(**kw)
+    cached = sample_autoregressive(model, 6, None, draw, labels=labels, generator=gen(5), use_cache=True)
+    recomputed = sample_autoregressive(model, 6, None, draw, labels=labels, generator=gen(5), use_cache=False)
     reference = reference_plain(model, 6, labels, gen(5), **kw)
     assert cached.shape == (6, 3, 4) and cached.dtype == torch.long
     assert torch.equal(cached, recomputed)
     assert torch.equal(cached, reference)
     assert int(cached.min()) >= 0 and int(cached.max()) < 5
     # A different seed gives different samples: the generator is really used.
-    assert not torch.equal(cached, sample_autoregressive(model, 6, None, labels=labels, generator=gen(6), **kw))
+    assert not torch.equal(cached, sample_autoregressive(model, 6, None, draw, labels=labels, generator=gen(6)))
 
 
 def test_labels_condition_the_samples():
     model = tiny(n_classes=3)
-    a = sample_autoregressive(model, 8, None, 1.0, None, None, torch.zeros(8, dtype=torch.long), gen(1))
-    b = sample_autoregressive(model, 8, None, 1.0, None, None, torch.full((8,), 2), gen(1))
+    a = sample_autoregressive(model, 8, None, Draw(), torch.zeros(8, dtype=torch.long), gen(1))
+    b = sample_autoregressive(model, 8, None, Draw(), torch.full((8,), 2), gen(1))
     assert not torch.equal(a, b)
 
 
 def test_top_k_one_is_greedy_decoding():
     model = tiny()
-    tokens = sample_autoregressive(model, 3, None, 1.0, 1, None, None, gen(0)).view(3, -1)
+    tokens = sample_autoregressive(model, 3, None, Draw(top_k=1), None, gen(0)).view(3, -1)
     with torch.no_grad():
         logits = model(tokens)
     assert torch.equal(logits.argmax(-1), tokens)
@@ -110,15 +111,15 @@ def test_top_k_one_is_greedy_decoding():
 def test_sliding_window_on_training_grid_equals_plain_sampling():
     model = tiny(grid=(4, 4))
     for use_cache in (True, False):
-        windowed = sample_autoregressive(model, 4, (4, 4), 1.0, None, None, None, gen(3), use_cache=use_cache)
+        windowed = sample_autoregressive(model, 4, (4, 4), Draw(), None, gen(3), use_cache=use_cache)
         assert torch.equal(windowed, reference_plain(model, 4, None, gen(3)))
 
 
 @pytest.mark.parametrize("shape", [(7, 9), (4, 10), (9, 4), (6, 5)])
 def test_sliding_window_on_larger_grids_matches_taming(shape):
     model = tiny(grid=(4, 4))
-    cached = sample_autoregressive(model, 3, shape, 1.0, None, None, None, gen(2), use_cache=True)
-    recomputed = sample_autoregressive(model, 3, shape, 1.0, None, None, None, gen(2), use_cache=False)
+    cached = sample_autoregressive(model, 3, shape, Draw(), None, gen(2), use_cache=True)
+    recomputed = sample_autoregressive(model, 3, shape, Draw(), None, gen(2), use_cache=False)
     assert cached.shape == (3, *shape)
     assert torch.equal(cached, recomputed)
     assert torch.equal(cached, reference_taming(model, 3, *shape, gen(2)))
@@ -127,8 +128,8 @@ def test_sliding_window_on_larger_grids_matches_taming(shape):
 def test_shorter_grid_is_the_top_rows_of_a_full_sample():
     model = tiny(grid=(4, 4))
     # Fewer rows consume fewer random draws, so compare greedy samples.
-    full = sample_autoregressive(model, 3, None, 1.0, 1, None, None, gen(4))
-    short = sample_autoregressive(model, 3, (2, 4), 1.0, 1, None, None, gen(4))
+    full = sample_autoregressive(model, 3, None, Draw(top_k=1), None, gen(4))
+    short = sample_autoregressive(model, 3, (2, 4), Draw(top_k=1), None, gen(4))
     assert short.shape == (3, 2, 4)
     assert torch.equal(short, full[:, :2])
 
@@ -143,7 +144,7 @@ def test_on_token_counts_positions_and_training_mode_is_restored():
     model = tiny()
     model.train()
     calls = []
-    sample_autoregressive(model, 2, (5, 6), 1.0, None, None, None, gen(0), on_token=lambda: calls.append(1))
+    sample_autoregressive(model, 2, (5, 6), Draw(), None, gen(0), on_token=lambda: calls.append(1))
     assert len(calls) == 30
     assert model.training
 
@@ -161,9 +162,10 @@ def test_on_token_counts_positions_and_training_mode_is_restored():
 )
 def test_bad_requests_are_refused_in_one_line(kwargs, message):
     model = tiny()
-    args = dict(model=model, n=2, shape=None, temperature=1.0, top_k=None, top_p=None, labels=None,
-                generator=gen(0)) | kwargs
+    drawing = {k: kwargs.pop(k) for k in ("temperature", "top_k", "top_p") if k in kwargs}
     with pytest.raises(VqtoolError, match=message) as info:
+        # A Draw checks its own three settings when it is made.
+        args = dict(model=model, n=2, shape=None, draw=Draw(**drawing), labels=None, generator=gen(0)) | kwargs
         sample_autoregressive(**args)
     assert "\n" not in str(info.value)
 
@@ -172,12 +174,12 @@ def test_bidirectional_and_label_mismatches_are_refused():
     torch.manual_seed(0)
     bidirectional = Transformer(TransformerConfig(vocab_size=5, grid=(3, 4), n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(VqtoolError, match="not autoregressive"):
-        sample_autoregressive(bidirectional, 2, None, 1.0, None, None, None, gen(0))
+        sample_autoregressive(bidirectional, 2, None, Draw(), None, gen(0))
     conditional = tiny(n_classes=3)
     with pytest.raises(VqtoolError, match="labels"):
-        sample_autoregressive(conditional, 2, None, 1.0, None, None, torch.tensor([0, 3]), gen(0))
+        sample_autoregressive(conditional, 2, None, Draw(), torch.tensor([0, 3]), gen(0))
     with pytest.raises(VqtoolError, match="labels"):
-        sample_autoregressive(conditional, 2, None, 1.0, None, None, torch.tensor([0]), gen(0))
+        sample_autoregressive(conditional, 2, None, Draw(), torch.tensor([0]), gen(0))
 
 
 # --------------------------------------------------------------------------------------------------

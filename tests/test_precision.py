@@ -393,13 +393,13 @@ def _matmul_dtypes(model: Transformer) -> list[torch.dtype]:
 
 
 def test_both_priors_run_in_the_callers_precision_and_sample_fp32_logits(monkeypatch):
-    import vqtool.prior.autoregressive as AR
     from vqtool.prior.autoregressive import sample_autoregressive
+    from vqtool.prior.logits import Draw
 
     sampled = []
-    draw = AR.sample_from_logits
-    monkeypatch.setattr(AR, "sample_from_logits",
-                        lambda logits, *a: (sampled.append(logits.dtype), draw(logits, *a))[1])
+    draw_ids = Draw.ids
+    monkeypatch.setattr(Draw, "ids",
+                        lambda self, logits, *a: (sampled.append(logits.dtype), draw_ids(self, logits, *a))[1])
     ar = tiny_prior(causal=True)
     caches = []
     new_cache = ar.new_cache
@@ -414,7 +414,7 @@ def test_both_priors_run_in_the_callers_precision_and_sample_fp32_logits(monkeyp
     for region, want in ((contextlib.nullcontext(), torch.float32), (cpu_bf16(), torch.bfloat16)):
         sampled.clear(), caches.clear(), ar_seen.clear(), ab_seen.clear()
         with region, torch.inference_mode():
-            grids = sample_autoregressive(ar, 2, None, 1.0, None, None, None, torch.Generator().manual_seed(0))
+            grids = sample_autoregressive(ar, 2, None, Draw(), None, torch.Generator().manual_seed(0))
             logits = predict(tokens, positions)
         assert grids.shape == (2, 4, 4)
         assert set(ar_seen) == set(ab_seen) == {want}  # the same rule for both priors

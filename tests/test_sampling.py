@@ -10,16 +10,17 @@ import torch
 from typer.testing import CliRunner
 
 from vqtool.errors import VqtoolError
+from vqtool.prior.logits import Draw
+from vqtool.prior.orders import RasterOrder
 from vqtool.prior.sample import (
     SampleSettings,
     TransformerPredictor,
     default_labels,
-    hidden_at,
     quantize_int8,
     sample_tokens,
     total_work,
 )
-from vqtool.prior.schedules import ConfidenceSchedule, Draw, RandomSchedule, make_schedule, n_steps, plan, reveal
+from vqtool.prior.schedules import ConfidenceSchedule, RandomSchedule, make_schedule, n_steps, plan, reveal
 from vqtool.prior.store import LoadedPrior
 from vqtool.prior.transformer import Transformer, TransformerConfig
 from vqtool.prior.windows import WindowPredictor, window_offsets
@@ -77,7 +78,7 @@ def test_hidden_at_equals_full_trunk(n_classes):
         logits = model(tokens, labels)
         for k in (1, 3, 7, 12):  # partial last layer below N/2, full trunk above
             positions = torch.stack([torch.randperm(16, generator=g)[:k] for _ in range(3)])
-            got = hidden_at(model, tokens, labels, positions)
+            got = model.hidden_at(tokens, labels, positions)
             want = full.gather(1, positions.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             head = TransformerPredictor(model, labels)(tokens, positions)
@@ -117,15 +118,15 @@ def test_random_schedule_with_one_step_per_token_reveals_one_position_per_step()
 
 def test_raster_order_reveals_positions_in_raster_order():
     spy = Spy(uniform_predict)
-    reveal(spy, torch.full((2, 16), V), V, RandomSchedule("raster"), 16, Draw(), torch.Generator().manual_seed(0))
+    reveal(spy, torch.full((2, 16), V), V, RandomSchedule(RasterOrder()), 16, Draw(), torch.Generator().manual_seed(0))
     order = torch.cat([p for _, p in spy.calls], dim=1)
     assert torch.equal(order, torch.arange(16).expand(2, 16))
     spy = Spy(uniform_predict)
-    reveal(spy, torch.full((2, 16), V), V, RandomSchedule("raster"), 4, Draw(), torch.Generator().manual_seed(0))
+    reveal(spy, torch.full((2, 16), V), V, RandomSchedule(RasterOrder()), 4, Draw(), torch.Generator().manual_seed(0))
     assert [p.tolist()[0] for _, p in spy.calls] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
 
 
-@pytest.mark.parametrize("schedule", [RandomSchedule(), RandomSchedule("raster"), ConfidenceSchedule(),
+@pytest.mark.parametrize("schedule", [RandomSchedule(), RandomSchedule(RasterOrder()), ConfidenceSchedule(),
                                       ConfidenceSchedule("arccos")])
 @pytest.mark.parametrize("steps", [1, 3, 7, 16, 40])
 def test_every_schedule_leaves_no_mask(schedule, steps):
@@ -202,10 +203,12 @@ def test_reveal_refuses_rows_with_different_mask_counts():
 
 
 def test_make_schedule_refuses_unknown_names():
-    with pytest.raises(ValueError):
+    with pytest.raises(VqtoolError, match="--schedule must be one of random, confidence"):
         make_schedule("linear")
+    with pytest.raises(VqtoolError, match="--order must be one of random, raster, halton"):
+        make_schedule("random", order="spiral")
     with pytest.raises(ValueError):
-        RandomSchedule("spiral")
+        ConfidenceSchedule("spiral")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ def test_autoregressive_prior_dispatches_to_sample_autoregressive():
     prior = tiny_prior(causal=True)
     tokens = sample_tokens(prior, 3, SampleSettings(seed=4, temperature=0.9, batch_size=8))
     with torch.inference_mode():
-        want = sample_autoregressive(prior.model, 3, None, 0.9, None, None, None, torch.Generator().manual_seed(4))
+        want = sample_autoregressive(prior.model, 3, None, Draw(0.9), None, torch.Generator().manual_seed(4))
     assert torch.equal(tokens, want.cpu())
     assert total_work(prior, 3, SampleSettings(batch_size=2)) == 2 * 16
 

@@ -27,7 +27,8 @@ Schedule = typer.Option(None, "--schedule", help="Absorbing prior: random (the p
 Curve = typer.Option(None, "--curve", help="Confidence schedule: cosine (default) | arccos.")
 TopK = typer.Option(None, "--top-k", help="Draw only among the k most likely codes.")
 TopP = typer.Option(None, "--top-p", help="Draw only from the smallest set of codes with this probability mass.")
-Order = typer.Option(None, "--order", help="Random schedule: random (default) | raster unmasking order.")
+Order = typer.Option(None, "--order", help="Which masked tokens come first: random (default) | halton (spread "
+                                          "over the grid) | raster (random schedule only).")
 Quantize = typer.Option("none", "--quantize", help="none | int8 (dynamic int8 Linear layers; CPU only, faster).")
 Prior = typer.Option(None, "--prior", help="Prior artifact (default: RUN/prior.safetensors).")
 VQ = typer.Option(None, "--vq", help="VQ artifact the prior's latents came from (default: RUN/vq.safetensors).")

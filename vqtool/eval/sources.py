@@ -189,22 +189,24 @@ def samples_source(path: str | Path, vq, device: torch.device | str = "cpu", opt
                                  "tokens": list(tokens.shape)})
 
 
-def prior_source(prior, vq, settings, device: torch.device | str = "cpu", progress=None,
+def prior_source(prior, vq, sampler, device: torch.device | str = "cpu", progress=None,
                  option: str = "--run") -> ImageSource:
-    """Images sampled on the fly: the prior's tokens (`settings` is a SampleSettings) decoded by the VQ.
+    """Images sampled on the fly: the prior's tokens decoded by the VQ. `sampler` is a Sampler made for
+    this prior (vqtool.prior.sample.make_sampler), or SampleSettings to make one from.
 
     The tokens are exactly those `vqtool sample` draws with the same settings and n (class-conditional
     priors get their classes cycled, as there); `progress(done, total)` follows the sampling.
     """
     from vqtool.config import to_dict
-    from vqtool.prior.sample import default_labels, sample_tokens
+    from vqtool.prior.sample import as_sampler, default_labels, sample_tokens
 
     device = torch.device(device)
-    settings_dict = to_dict(settings)
+    sampler = as_sampler(sampler, prior)
+    settings_dict = to_dict(sampler.settings)
     prior_sha = prior.artifact.sha256
 
     def batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
-        tokens = sample_tokens(prior, n, settings, default_labels(prior, n), progress)
+        tokens = sample_tokens(prior, n, sampler, default_labels(prior, n), progress)
         for start in range(0, n, batch_size):
             yield _decode(vq, tokens[start:start + batch_size], device)
 

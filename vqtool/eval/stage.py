@@ -261,13 +261,12 @@ def _generative(ev: _Eval, sample) -> None:
     real = (shards_source(ev.shards, s.real, option="--real") if s.real in ("train", "val")
             else resolve_path_source(s.real, "--real", s.real_split))
     if s.fake is None:
-        from vqtool.prior.sample import SampleSettings, check_settings, load_pair
+        from vqtool.prior.sample import SampleSettings, load_pair, make_sampler
 
         prior, vq = load_pair(ev.prior_path, ev.vq_path, ev.device)
         ev.set_vq(vq)
-        sample = sample or SampleSettings()
-        check_settings(sample, prior)
-        fake = prior_source(prior, vq, sample, ev.device,
+        sampler = make_sampler(sample or SampleSettings(), prior)
+        fake = prior_source(prior, vq, sampler, ev.device,
                             with_forecast(ev.bars.fraction("sampling"), _sampling_forecast(ev.paths.root, s.n)))
     else:
         fake = resolve_path_source(s.fake, "--fake", s.fake_split, real.image_size, ev.vq, ev.device)
@@ -506,14 +505,13 @@ def neighbour_check(
         elif paths.samples_artifact.exists():
             fake = samples_source(paths.samples_artifact, vq(), dev, option="--run")
         else:
-            from vqtool.prior.sample import SampleSettings, check_settings, load_pair
+            from vqtool.prior.sample import SampleSettings, load_pair, make_sampler
 
             prior, vq_loaded = load_pair(prior_path, vq_path, dev)
             loaded["vq"] = vq_loaded
             parents["vq"] = vq_loaded.sha256
-            sample = sample or SampleSettings()
-            check_settings(sample, prior)
-            fake = prior_source(prior, vq_loaded, sample, dev, bars.fraction("sampling"))
+            sampler = make_sampler(sample or SampleSettings(), prior)
+            fake = prior_source(prior, vq_loaded, sampler, dev, bars.fraction("sampling"))
         fake.check(s.n)
         train.check(1)
         with autocast(dev, chosen):  # sampling and decoding; the thumbnails and LPIPS stay fp32

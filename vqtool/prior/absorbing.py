@@ -126,7 +126,9 @@ class AbsorbingObjective:
         if self.mask_schedule == "random":
             bound = ce * (self.T / tf) / (N * LN2)
         else:
-            # With exactly k masked the unbiased weight is N/k (= T/t whenever t·N/T is a whole number).
+            # Exactly k masked: (N/k)·CE estimates the exactly-k bound Σ_{k=1..N} (1/k)·E[CE_k] without bias
+            # only when T = N (k = t then runs over 1..N evenly); for another T, k = round(t·N/T) skips or
+            # repeats counts, and the figure is a weighted variant of that bound.
             bound = ce * (N / n_masked) / (N * LN2)
         if self.loss_name == "elbo":
             per_image = bound

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from vqtool.errors import VqtoolError
-from vqtool.prior.logits import sample_from_logits
+from vqtool.prior.logits import Draw
 from vqtool.prior.transformer import KVCache, Transformer
 
 LN2 = math.log(2.0)
@@ -80,15 +80,7 @@ def window_start(i: int, size: int, window: int) -> int:
     return min(max(i - window // 2, 0), size - window)
 
 
-def _check_request(
-    model: Transformer,
-    n: int,
-    shape: tuple[int, int],
-    labels: torch.Tensor | None,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-) -> None:
+def _check_request(model: Transformer, n: int, shape: tuple[int, int], labels: torch.Tensor | None) -> None:
     cfg = model.cfg
     if not cfg.causal:
         raise VqtoolError("this prior is not autoregressive (its transformer is bidirectional); "
@@ -99,12 +91,6 @@ def _check_request(
     if H < 1 or W < cfg.grid[1]:
         raise VqtoolError(f"--shape {H} {W}: an autoregressive prior needs at least 1 row and at least "
                           f"{cfg.grid[1]} columns (its training width); use a wider --shape")
-    if not temperature > 0:
-        raise VqtoolError(f"--temperature must be positive (got {temperature})")
-    if top_k is not None and top_k < 1:
-        raise VqtoolError(f"--top-k must be at least 1 (got {top_k})")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise VqtoolError(f"--top-p must lie in (0, 1] (got {top_p})")
     if labels is not None:
         if cfg.n_classes == 0:
             raise VqtoolError("this prior is unconditional; do not pass class labels")
@@ -118,9 +104,7 @@ def sample_autoregressive(
     model: Transformer,
     n: int,
     shape: tuple[int, int] | None,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
+    draw: Draw,
     labels: torch.Tensor | None,
     generator: torch.Generator,
     use_cache: bool = True,
@@ -128,7 +112,8 @@ def sample_autoregressive(
 ) -> torch.Tensor:
     """Draw `n` token grids (n, H, W) int64 on the model's device, one token at a time in raster order.
 
-    `shape` None means the training grid. A larger grid is sampled with the sliding window; the grid
+    `draw` turns each position's logits into a token (temperature, top-k, top-p). `shape` None means
+    the training grid. A larger grid is sampled with the sliding window; the grid
     must be at least as wide as the training grid (it may be shorter: fewer rows is an exact prefix).
     `generator` must live on the model's device. `on_token` is called once per grid position (for all
     `n` grids at once), for a progress bar. With `use_cache=False` the whole prefix is recomputed for
@@ -136,13 +121,12 @@ def sample_autoregressive(
     """
     h, w = model.cfg.grid
     H, W = tuple(shape) if shape is not None else (h, w)
-    _check_request(model, n, (H, W), labels, temperature, top_k, top_p)
+    _check_request(model, n, (H, W), labels)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            return _sample_windows(model, n, (H, W), temperature, top_k, top_p, labels, generator,
-                                   use_cache, on_token)
+            return _sample_windows(model, n, (H, W), draw, labels, generator, use_cache, on_token)
     finally:
         model.train(was_training)
 
@@ -151,9 +135,7 @@ def _sample_windows(
     model: Transformer,
     n: int,
     shape: tuple[int, int],
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
+    draw: Draw,
     labels: torch.Tensor | None,
     generator: torch.Generator,
     use_cache: bool,
@@ -197,7 +179,7 @@ def _sample_windows(
                     logits = model.decode_step(x, cache)
                 else:
                     logits = model.head(model.trunk(context, labels)[:, -1])
-            previous = sample_from_logits(logits.float(), generator, temperature, top_k, top_p)
+            previous = draw.ids(logits.float(), generator)
             tokens[:, i, j] = previous
             cache_at = (top, left, k + 1)
             if on_token is not None:

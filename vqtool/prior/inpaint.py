@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +28,15 @@ from vqtool.outputs import check_writable, matcher, naming, refuse_enclosing, re
 from vqtool.prior.sample import (
     QUANTIZE,
     Progress,
+    Sampler,
     SampleSettings,
-    check_settings,
     default_labels,
     in_batches,
-    make_predictor,
+    make_sampler,
     quantize_int8,
     resolve_class,
 )
-from vqtool.prior.schedules import Draw, make_schedule, n_steps, reveal
+from vqtool.prior.schedules import reveal
 from vqtool.prior.store import LoadedPrior
 
 # The files `inpaint` writes into its folder; anything else found there (such as the pipeline's
@@ -120,12 +119,13 @@ def cell_mask(tokens_masked: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 def inpaint_tokens(prior: LoadedPrior, tokens: torch.Tensor, masked: torch.Tensor, n: int,
-                   settings: SampleSettings, labels: torch.Tensor | None = None,
+                   settings: SampleSettings | Sampler, labels: torch.Tensor | None = None,
                    progress: Progress | None = None) -> torch.Tensor:
     """n completions (n, h, w) int64 of one token grid `tokens` (h, w) where `masked` (h, w) is True.
 
     Tokens outside the mask are copied unchanged. The reverse process starts at the step of a
     `settings.steps`-step schedule over the whole grid whose masked count equals the mask's.
+    `settings` may be a Sampler made for this grid (`make_sampler(settings, prior, shape=(h, w))`).
     """
     if prior.kind != "absorbing":
         raise VqtoolError(AR_REFUSAL)
@@ -134,23 +134,23 @@ def inpaint_tokens(prior: LoadedPrior, tokens: torch.Tensor, masked: torch.Tenso
     if tokens.shape != masked.shape or tokens.dim() != 2:
         raise ValueError(f"tokens {tuple(tokens.shape)} and mask {tuple(masked.shape)} must be the same (h, w)")
     shape = tuple(tokens.shape)
-    check_settings(dataclasses.replace(settings, shape=shape), prior)
+    sampler = settings if isinstance(settings, Sampler) else make_sampler(settings, prior, shape=shape)
+    if sampler.shape != shape:
+        raise ValueError(f"the sampler fills a {sampler.shape} grid, the tokens are {shape}")
+    settings = sampler.settings
     model = prior.model
     device = next(model.parameters()).device
     mask_id = model.cfg.mask_id
     n_tokens = shape[0] * shape[1]
     flat = tokens.reshape(-1).to(device=device, dtype=torch.long)
     start_state = flat.masked_fill(masked.reshape(-1).to(device), mask_id)
-    schedule = make_schedule(settings.schedule, settings.order, settings.curve)
-    draw = Draw(settings.temperature, settings.top_k, settings.top_p)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    n_masked = int(masked.sum())
-    total = math.ceil(n / settings.batch_size) * n_steps(schedule, n_tokens, settings.steps, n_masked)
+    total = sampler.work(n, int(masked.sum()))
 
     def draw_batch(b: int, batch_labels: torch.Tensor | None, tick) -> torch.Tensor:
-        predict = make_predictor(model, batch_labels, shape, settings.stride)
         state = start_state.expand(b, n_tokens).clone()
-        return reveal(predict, state, mask_id, schedule, settings.steps, draw, generator, tick, n_tokens=n_tokens)
+        return reveal(sampler.predictor(model, batch_labels), state, mask_id, sampler.schedule, settings.steps,
+                      sampler.draw, generator, tick, n_tokens=n_tokens)
 
     return in_batches(model, n, settings.batch_size, labels, total, progress, draw_batch).reshape(n, *shape)
 
@@ -307,12 +307,12 @@ def inpaint_image(
         class_id = resolve_class(prior, class_id)
         labels = default_labels(prior, n, class_id)
 
+        sampler = make_sampler(settings, prior, shape=tuple(tokens.shape))
         start = time.perf_counter()
         with autocast(dev, chosen):
-            completions = inpaint_tokens(prior, tokens, masked, n, settings, labels, progress)
+            completions = inpaint_tokens(prior, tokens, masked, n, sampler, labels, progress)
         seconds = time.perf_counter() - start
-        schedule = make_schedule(settings.schedule, settings.order, settings.curve)
-        steps_run = n_steps(schedule, tokens.numel(), settings.steps, int(masked.sum()))
+        steps_run = sampler.calls(int(masked.sum()))
 
         decoded = decode(vq.model, torch.cat([tokens[None], completions]), settings.batch_size, dev, chosen)
         reconstruction, results = decoded[0], decoded[1:]

@@ -1,8 +1,15 @@
-"""Turning logits into a sampling distribution: temperature, top-k and nucleus (top-p) filtering."""
+"""Turning logits into a sampling distribution: temperature, top-k and nucleus (top-p) filtering.
+
+`Draw` bundles the three settings once, checked, for both priors' samplers.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from vqtool.errors import VqtoolError
 
 
 def filter_logits(
@@ -42,3 +49,34 @@ def sample_from_logits(
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+@dataclass(frozen=True)
+class Draw:
+    """How one token is drawn from a prediction: temperature, then optional top-k / nucleus filtering.
+
+    Checked when made, so a sampler that holds one never checks the three settings again.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise VqtoolError(f"--temperature must be positive (got {self.temperature})")
+        if self.top_k is not None and self.top_k < 1:
+            raise VqtoolError(f"--top-k must be at least 1 (got {self.top_k})")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise VqtoolError(f"--top-p must lie in (0, 1] (got {self.top_p})")
+
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (..., V) → (drawn ids (...), log-probability of each drawn id under the filtered law)."""
+        logp = filter_logits(logits.float(), self.temperature, self.top_k, self.top_p).log_softmax(-1)
+        flat = logp.reshape(-1, logp.shape[-1]).exp()
+        ids = torch.multinomial(flat, 1, generator=generator).reshape(logp.shape[:-1])
+        return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+    def ids(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Only the drawn ids (...), for a sampler that needs no log-probabilities (the autoregressive one)."""
+        return sample_from_logits(logits, generator, self.temperature, self.top_k, self.top_p)

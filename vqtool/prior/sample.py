@@ -1,16 +1,18 @@
 """Drawing token grids from a prior, and the `sample` stage that decodes them into PNGs.
 
-`sample_tokens` is the algorithm: the absorbing prior runs an unmasking schedule
-(vqtool.prior.schedules) over a predictor, the autoregressive prior hands each batch to
-vqtool.prior.autoregressive.sample_autoregressive. `sample_images` is the stage: load the prior and
-the VQ, check they belong together, sample, decode, write PNGs and samples.safetensors.
+`make_sampler` checks SampleSettings against a prior once and builds what sampling needs from them (a
+`Sampler`: the token grid, the `Draw`, the schedule). `sample_tokens` is the algorithm: the absorbing
+prior runs the unmasking schedule (vqtool.prior.schedules) over a predictor, the autoregressive prior
+hands each batch to vqtool.prior.autoregressive.sample_autoregressive. `sample_images` is the stage:
+load the prior and the VQ, check they belong together, sample, decode, write PNGs and
+samples.safetensors.
 
 Speed. A sampling step of the absorbing prior needs logits only at the positions it reveals, so the
 predictor runs the transformer's trunk and applies the output head at those positions only. It also
 runs the last block only where it matters: the last layer's attention needs keys and values of every
-position but queries, projection, MLP and final norm only at the asked positions (`hidden_at`). Both
-give the same numbers as a full forward pass (tested). `quantize_int8` offers int8 dynamic
-quantization of the Linear layers for CPU inference.
+position but queries, projection, MLP and final norm only at the asked positions
+(`Transformer.hidden_at`). Both give the same numbers as a full forward pass (tested).
+`quantize_int8` offers int8 dynamic quantization of the Linear layers for CPU inference.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vqtool.errors import VqtoolError
 from vqtool.outputs import check_writable, matcher, naming, refuse_enclosing, removed_on_failure, staged_folder
-from vqtool.prior.schedules import CURVES, ORDERS, SCHEDULES, Draw, Predict, make_schedule, n_steps, reveal
+from vqtool.prior.logits import Draw
+from vqtool.prior.schedules import Predict, Schedule, make_schedule, n_steps, reveal
 from vqtool.prior.store import LoadedPrior
 from vqtool.prior.transformer import Transformer
 from vqtool.prior.windows import WindowPredictor
@@ -51,7 +53,7 @@ class SampleSettings:
     top_p: float | None = None
     shape: tuple[int, int] | None = None  # tokens (H, W); None = the training grid
     stride: int = 1  # window aggregation on larger grids: window spacing in tokens
-    order: str = "random"  # random | raster: which masked tokens the random schedule reveals first
+    order: str = "random"  # random | raster | halton: which masked tokens come first (raster: random schedule)
     batch_size: int = 16
     seed: int = 0
     use_cache: bool = True  # autoregressive prior: KV cache
@@ -60,39 +62,6 @@ class SampleSettings:
 
 # --------------------------------------------------------------------------------------------------
 # Predicting at a few positions
-
-
-def hidden_at(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor | None,
-              positions: torch.Tensor) -> torch.Tensor:
-    """Final-normed hidden states (B, k, d) of a bidirectional transformer at token `positions` (B, k).
-
-    Equals `model.trunk(tokens, labels)` gathered at those positions, but the last block runs its
-    queries, projection and MLP only there.
-    """
-    cfg = model.cfg
-    if cfg.causal:
-        raise ValueError("hidden_at is for the bidirectional (absorbing) transformer")
-    off = 1 if cfg.has_prefix else 0
-    B, k = positions.shape
-    idx = (positions + off).unsqueeze(-1)
-    if 2 * k >= tokens.shape[1]:
-        # Most positions asked for: the full trunk is as cheap.
-        hidden = model.trunk(tokens, labels)
-        return hidden.gather(1, idx.expand(B, k, hidden.shape[-1]))
-    x = model.drop(model.embed(tokens, labels))
-    for block in model.blocks[:-1]:
-        x = block(x)
-    last = model.blocks[-1]
-    attn = last.attn
-    C = x.shape[-1]
-    n_head = attn.n_head
-    q, key, value = attn.qkv(last.ln1(x)).split(C, dim=2)
-    q = q.gather(1, idx.expand(B, k, C))
-    q, key, value = (t.reshape(B, t.shape[1], n_head, C // n_head).transpose(1, 2) for t in (q, key, value))
-    y = F.scaled_dot_product_attention(q, key, value).transpose(1, 2).reshape(B, k, C)
-    x = x.gather(1, idx.expand(B, k, C)) + attn.resid_drop(attn.proj(y))
-    x = x + last.mlp(last.ln2(x))
-    return model.ln_f(x)
 
 
 class TransformerPredictor:
@@ -106,7 +75,7 @@ class TransformerPredictor:
         self.labels = labels
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.head(hidden_at(self.model, tokens, self.labels, positions)).float()
+        return self.model.head(self.model.hidden_at(tokens, self.labels, positions)).float()
 
 
 def make_predictor(model: Transformer, labels: torch.Tensor | None, shape: tuple[int, int],
@@ -119,40 +88,67 @@ def make_predictor(model: Transformer, labels: torch.Tensor | None, shape: tuple
 
 
 # --------------------------------------------------------------------------------------------------
-# Checks and defaults
+# The sampler: settings checked once, and what is built from them
 
 
-def check_settings(settings: SampleSettings, prior: LoadedPrior) -> tuple[int, int]:
-    """Refuse impossible settings with one line naming the option; return the token grid (H, W)."""
+@dataclass(frozen=True)
+class Sampler:
+    """SampleSettings checked against one prior, with the pieces built from them, once per call.
+
+    `schedule` is for the absorbing prior (the autoregressive one draws in raster order); `draw` serves
+    both; `shape` is the token grid (H, W) to fill.
+    """
+
+    settings: SampleSettings
+    kind: str
+    shape: tuple[int, int]
+    draw: Draw
+    schedule: Schedule
+
+    def predictor(self, model: Transformer, labels: torch.Tensor | None) -> Predict:
+        return make_predictor(model, labels, self.shape, self.settings.stride)
+
+    def calls(self, n_masked: int | None = None) -> int:
+        """Progress units of one batch: predictor calls (absorbing; fewer when only `n_masked` of the
+        grid are masked) or grid positions (autoregressive)."""
+        H, W = self.shape
+        if self.kind == "autoregressive":
+            return H * W
+        return n_steps(self.schedule, H * W, self.settings.steps, n_masked)
+
+    def work(self, n: int, n_masked: int | None = None) -> int:
+        """Progress units of `n` grids, `settings.batch_size` at a time."""
+        return math.ceil(n / self.settings.batch_size) * self.calls(n_masked)
+
+
+def make_sampler(settings: SampleSettings, prior: LoadedPrior, shape: tuple[int, int] | None = None) -> Sampler:
+    """Refuse impossible settings with one line naming the option; build the sampler.
+
+    `shape` overrides `settings.shape` (inpainting fills the grid of its image).
+    """
     s = settings
     if s.steps < 1:
         raise VqtoolError(f"--steps must be at least 1 (got {s.steps})")
-    if not s.temperature > 0:
-        raise VqtoolError(f"--temperature must be positive (got {s.temperature})")
-    if s.schedule not in SCHEDULES:
-        raise VqtoolError(f"--schedule must be one of {', '.join(SCHEDULES)} (got {s.schedule!r})")
-    if s.order not in ORDERS:
-        raise VqtoolError(f"--order must be one of {', '.join(ORDERS)} (got {s.order!r})")
-    if s.curve not in CURVES:
-        raise VqtoolError(f"--curve must be one of {', '.join(CURVES)} (got {s.curve!r})")
-    if s.order == "raster" and s.schedule != "random":
-        raise VqtoolError("--order raster applies to --schedule random; the confidence schedule picks its own order")
-    if s.top_k is not None and s.top_k < 1:
-        raise VqtoolError(f"--top-k must be at least 1 (got {s.top_k})")
-    if s.top_p is not None and not 0 < s.top_p <= 1:
-        raise VqtoolError(f"--top-p must lie in (0, 1] (got {s.top_p})")
+    draw = Draw(s.temperature, s.top_k, s.top_p)
     if s.stride < 1:
         raise VqtoolError(f"--stride must be at least 1 (got {s.stride})")
     if s.batch_size < 1:
         raise VqtoolError(f"--batch-size must be at least 1 (got {s.batch_size})")
     grid = tuple(prior.cfg.grid)
-    shape = tuple(int(v) for v in s.shape) if s.shape is not None else grid
+    asked = shape if shape is not None else s.shape
+    shape = tuple(int(v) for v in asked) if asked is not None else grid
     if len(shape) != 2:
-        raise VqtoolError(f"--shape takes two numbers H W (got {s.shape})")
+        raise VqtoolError(f"--shape takes two numbers H W (got {asked})")
     if prior.kind == "absorbing" and (shape[0] < grid[0] or shape[1] < grid[1]):
         raise VqtoolError(f"--shape {shape[0]} {shape[1]}: must be at least the training grid "
                           f"{grid[0]} {grid[1]} in both directions")
-    return shape  # type: ignore[return-value]
+    schedule = make_schedule(s.schedule, s.order, s.curve, grid=shape)
+    return Sampler(settings=s, kind=prior.kind, shape=shape, draw=draw, schedule=schedule)  # type: ignore[arg-type]
+
+
+def as_sampler(settings: SampleSettings | Sampler, prior: LoadedPrior) -> Sampler:
+    """A Sampler made already passes through; settings are checked and built into one."""
+    return settings if isinstance(settings, Sampler) else make_sampler(settings, prior)
 
 
 def resolve_class(prior: LoadedPrior, value: int | str | None) -> int | None:
@@ -196,32 +192,29 @@ def _check_labels(prior: LoadedPrior, n: int, labels: torch.Tensor | None) -> to
     return labels
 
 
-def total_work(prior: LoadedPrior, n: int, settings: SampleSettings) -> int:
+def total_work(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler) -> int:
     """Units `sample_tokens` reports to its progress callback in all."""
-    H, W = check_settings(settings, prior)
-    batches = math.ceil(n / settings.batch_size)
-    if prior.kind == "autoregressive":
-        return batches * H * W
-    schedule = make_schedule(settings.schedule, settings.order, settings.curve)
-    return batches * n_steps(schedule, H * W, settings.steps)
+    return as_sampler(settings, prior).work(n)
 
 
 # --------------------------------------------------------------------------------------------------
 # Sampling
 
 
-def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings, labels: torch.Tensor | None = None,
+def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler, labels: torch.Tensor | None = None,
                   progress: Progress | None = None) -> torch.Tensor:
     """Draw `n` token grids (n, H, W) int64 (on CPU) from the prior, `settings.batch_size` at a time.
 
-    `labels` (n,) are class ids for a class-conditional prior (None: unconditional, or the prior's
-    prefix start token). Randomness comes only from a generator seeded with `settings.seed`, so the
-    same settings (batch size included) give the same tokens. Both priors run in the caller's precision:
-    fp32, or the autocast region a stage opens (vqtool.precision); logits are sampled in fp32.
+    `settings` may be a Sampler made from them for this prior (it is not checked again). `labels` (n,)
+    are class ids for a class-conditional prior (None: unconditional, or the prior's prefix start
+    token). Randomness comes only from a generator seeded with `settings.seed`, so the same settings
+    (batch size included) give the same tokens. Both priors run in the caller's precision: fp32, or
+    the autocast region a stage opens (vqtool.precision); logits are sampled in fp32.
     """
     if n < 1:
         raise VqtoolError(f"--n must be at least 1 (got {n})")
-    H, W = check_settings(settings, prior)
+    sampler = as_sampler(settings, prior)
+    settings = sampler.settings
     labels = _check_labels(prior, n, labels)
     model = prior.model
     device = next(model.parameters()).device
@@ -231,12 +224,15 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings, labels: 
         if prior.kind == "autoregressive":
             from vqtool.prior.autoregressive import sample_autoregressive
 
-            return sample_autoregressive(model, b, (H, W), settings.temperature, settings.top_k, settings.top_p,
-                                         batch_labels, generator, use_cache=settings.use_cache, on_token=tick)
-        return _sample_absorbing(model, b, (H, W), settings, batch_labels, generator, tick)
+            return sample_autoregressive(model, b, sampler.shape, sampler.draw, batch_labels, generator,
+                                         use_cache=settings.use_cache, on_token=tick)
+        mask_id = model.cfg.mask_id
+        tokens = torch.full((b, sampler.shape[0] * sampler.shape[1]), mask_id, dtype=torch.long, device=device)
+        return reveal(sampler.predictor(model, batch_labels), tokens, mask_id, sampler.schedule, settings.steps,
+                      sampler.draw, generator, tick)
 
-    grids = in_batches(model, n, settings.batch_size, labels, total_work(prior, n, settings), progress, draw_batch)
-    return grids.reshape(n, H, W).long()
+    grids = in_batches(model, n, settings.batch_size, labels, sampler.work(n), progress, draw_batch)
+    return grids.reshape(n, *sampler.shape).long()
 
 
 def in_batches(model: Transformer, n: int, batch_size: int, labels: torch.Tensor | None, total: int,
@@ -265,17 +261,6 @@ def in_batches(model: Transformer, n: int, batch_size: int, labels: torch.Tensor
     finally:
         model.train(was_training)
     return torch.cat(out)
-
-
-def _sample_absorbing(model: Transformer, b: int, shape: tuple[int, int], settings: SampleSettings,
-                      labels: torch.Tensor | None, generator: torch.Generator,
-                      on_step: Callable[[], None]) -> torch.Tensor:
-    device = generator.device
-    tokens = torch.full((b, shape[0] * shape[1]), model.cfg.mask_id, dtype=torch.long, device=device)
-    predict = make_predictor(model, labels, shape, settings.stride)
-    schedule = make_schedule(settings.schedule, settings.order, settings.curve)
-    draw = Draw(settings.temperature, settings.top_k, settings.top_p)
-    return reveal(predict, tokens, model.cfg.mask_id, schedule, settings.steps, draw, generator, on_step)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,7 +379,7 @@ def sample_images(
         dev = resolve_device(device)
         chosen = resolve_precision(precision, dev)
         prior, vq = load_pair(prior_path, vq_path, dev)
-        check_settings(settings, prior)
+        sampler = make_sampler(settings, prior)
         if quantize == "int8":
             prior = dataclasses.replace(prior, model=quantize_int8(prior.model))
         class_id = resolve_class(prior, class_id)
@@ -402,7 +387,7 @@ def sample_images(
 
         start = time.perf_counter()
         with autocast(dev, chosen):
-            tokens = sample_tokens(prior, n, settings, labels, progress)
+            tokens = sample_tokens(prior, n, sampler, labels, progress)
         seconds = time.perf_counter() - start
 
         digits = max(4, len(str(n - 1)))

@@ -11,53 +11,44 @@ A schedule is two things:
 `reveal()` drives them and can start from any partly masked state (inpainting continues the reverse
 process from the step whose masked count matches).
 
-Schedules:
-  random      the paper's: each step reveals a random subset of the still-masked tokens, evenly many per
-              step; revealed tokens are drawn from the (temperature-scaled) prediction and never change.
-              With steps = N it reveals exactly one token per step. `order="raster"` reveals in raster
-              order instead (the paper's alternative for large images).
+Schedules (`SCHEDULES` maps each name to its class):
+  random      the paper's: each step reveals evenly many of the still-masked tokens, drawn from the
+              (temperature-scaled) prediction; revealed tokens never change. With steps = N it reveals
+              exactly one token per step. Which masked tokens come first is the order's
+              (vqtool.prior.orders): `random` (the paper's), `raster` (its alternative for large
+              images) or `halton` (Halton-MaskGIT).
   confidence  MaskGIT: the count left masked follows a cosine (or arccos) curve; each step draws every
               masked token and keeps the most confident draws, with Gumbel noise on the confidences
-              annealed linearly to zero.
+              annealed linearly to zero. The order lays the noise out: `random` is MaskGIT's i.i.d.
+              noise, `halton` gives the larger noise to the masked positions that come first in the
+              Halton order, so early steps, where the noise dominates, spread their picks over the grid.
+
+A new schedule is a class with `name`, `options` (the settings `make_schedule` passes it, by keyword),
+`orders` (the orders it takes), `masked_after` and `step`, and one entry in `SCHEDULES`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from vqtool.prior.logits import filter_logits
+from vqtool.errors import VqtoolError
+from vqtool.prior.logits import Draw
+from vqtool.prior.orders import ORDERS, Order, RandomOrder, make_order
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """predict(tokens (B, N) int64 with MASK ids, positions (B, k) int64) -> logits (B, k, V) float."""
 
-SCHEDULES = ("random", "confidence")
-ORDERS = ("random", "raster")
 CURVES = ("cosine", "arccos")
-
-
-@dataclass(frozen=True)
-class Draw:
-    """How one token is drawn from a prediction: temperature, then optional top-k / nucleus filtering."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __call__(self, logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits (..., V) → (drawn ids (...), log-probability of each drawn id under the filtered law)."""
-        logp = filter_logits(logits.float(), self.temperature, self.top_k, self.top_p).log_softmax(-1)
-        flat = logp.reshape(-1, logp.shape[-1]).exp()
-        ids = torch.multinomial(flat, 1, generator=generator).reshape(logp.shape[:-1])
-        return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
 class Schedule(Protocol):
     name: str
+    options: tuple[str, ...]  # the settings make_schedule passes to the constructor
+    orders: tuple[str, ...]  # the unmasking orders it takes
 
     def masked_after(self, n_tokens: int, steps: int) -> list[int]:
         """Tokens still masked after step 0..S: strictly decreasing from n_tokens to 0 (S ≤ n_tokens)."""
@@ -91,14 +82,14 @@ def _masked_positions(masked: torch.Tensor) -> torch.Tensor:
 
 
 class RandomSchedule:
-    """Evenly many tokens per step, at uniformly random (or raster-order) masked positions."""
+    """Evenly many tokens per step, at the masked positions that come first in the order."""
 
     name = "random"
+    options = ("order",)
+    orders = ("random", "raster", "halton")
 
-    def __init__(self, order: str = "random"):
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
-        self.order = order
+    def __init__(self, order: Order | None = None):
+        self.order = order if order is not None else RandomOrder()
 
     def masked_after(self, n_tokens: int, steps: int) -> list[int]:
         steps = max(1, min(steps, n_tokens))
@@ -107,10 +98,7 @@ class RandomSchedule:
     def step(self, predict: Predict, tokens: torch.Tensor, masked: torch.Tensor, reveal: int, done: float,
              draw: Draw, generator: torch.Generator) -> None:
         B, N = tokens.shape
-        if self.order == "random":
-            score = torch.rand((B, N), generator=generator, device=tokens.device)
-        else:
-            score = torch.arange(N, device=tokens.device, dtype=torch.float32).expand(B, N)
+        score = self.order.keys(B, N, generator, tokens.device)
         # Unmasked positions get a score no masked one can have, so the k smallest are all masked.
         score = score.masked_fill(~masked, float("inf"))
         positions = torch.topk(score, reveal, dim=1, largest=False, sorted=True).indices
@@ -123,11 +111,14 @@ class ConfidenceSchedule:
     """MaskGIT: draw every masked token, keep the most confident ones, re-mask the rest."""
 
     name = "confidence"
+    options = ("curve", "order")
+    orders = ("random", "halton")  # raster would sweep top to bottom against the confidences
 
-    def __init__(self, curve: str = "cosine", noise: float = 4.5):
+    def __init__(self, curve: str = "cosine", order: Order | None = None, noise: float = 4.5):
         if curve not in CURVES:
             raise ValueError(f"curve must be one of {', '.join(CURVES)}, not {curve!r}")
         self.curve = curve
+        self.order = order if order is not None else RandomOrder()
         self.noise = noise  # Gumbel scale at the first step (MaskGIT's choice temperature)
 
     def fraction_masked(self, r: float) -> float:
@@ -148,7 +139,7 @@ class ConfidenceSchedule:
         ids, logp = draw(predict(tokens, positions), generator)
         scale = self.noise * (1.0 - done)
         if scale > 0:
-            u = torch.rand(logp.shape, generator=generator, device=logp.device).clamp_(1e-20, 1.0 - 1e-7)
+            u = self.order.preference(positions, tokens.shape[1], generator).clamp_(1e-20, 1.0 - 1e-7)
             logp = logp + scale * -torch.log(-torch.log(u))
         keep = torch.topk(logp, reveal, dim=1).indices
         chosen = positions.gather(1, keep)
@@ -156,12 +147,23 @@ class ConfidenceSchedule:
         masked.scatter_(1, chosen, False)
 
 
-def make_schedule(name: str, order: str = "random", curve: str = "cosine") -> Schedule:
-    if name == "random":
-        return RandomSchedule(order)
-    if name == "confidence":
-        return ConfidenceSchedule(curve)
-    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {name!r}")
+SCHEDULES = {"random": RandomSchedule, "confidence": ConfidenceSchedule}
+
+
+def make_schedule(name: str, order: str = "random", curve: str = "cosine",
+                  grid: tuple[int, int] | None = None) -> Schedule:
+    """The schedule `name` with the settings it takes, checked; `grid` is the token grid (H, W) it runs on."""
+    if name not in SCHEDULES:
+        raise VqtoolError(f"--schedule must be one of {', '.join(SCHEDULES)} (got {name!r})")
+    if curve not in CURVES:
+        raise VqtoolError(f"--curve must be one of {', '.join(CURVES)} (got {curve!r})")
+    kind = SCHEDULES[name]
+    if order in ORDERS and order not in kind.orders:
+        takers = [n for n, k in SCHEDULES.items() if order in k.orders]
+        raise VqtoolError(f"--order {order} applies to --schedule {' | '.join(takers)}; "
+                          f"the {name} schedule takes {' | '.join(kind.orders)}")
+    given = {"order": make_order(order, grid), "curve": curve}
+    return kind(**{key: given[key] for key in kind.options})
 
 
 def plan(schedule: Schedule, n_tokens: int, steps: int, n_masked: int) -> list[tuple[int, float]]:

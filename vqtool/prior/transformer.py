@@ -7,7 +7,8 @@ start token that the first image token is predicted from.
 
 `trunk` returns final-normed hidden states and `head` turns them into logits, so a caller can compute
 logits only at the positions it needs (the masked ones while training, the newly revealed ones while
-sampling). `KVCache` lets the causal model add one position at a time.
+sampling). `hidden_at` also runs the last block only at those positions. `KVCache` lets the causal
+model add one position at a time.
 """
 
 from __future__ import annotations
@@ -94,6 +95,20 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, L, C)
         return self.resid_drop(self.proj(y))
 
+    def at(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The output (B, k, C) at `rows` (B, k) only: keys and values of every position, queries at the rows.
+
+        Bidirectional only: a causal row would need the mask of its own place.
+        """
+        B, L, C = x.shape
+        k = rows.shape[1]
+        q, key, value = self.qkv(x).split(C, dim=2)
+        q = q.gather(1, rows.unsqueeze(-1).expand(B, k, C))
+        q, key, value = (t.reshape(B, t.shape[1], self.n_head, C // self.n_head).transpose(1, 2)
+                         for t in (q, key, value))
+        y = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, k, C)))
+
 
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -111,6 +126,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache, layer)
         return x + self.mlp(self.ln2(x))
+
+    def at(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`forward(x)` gathered at `rows` (B, k), computing queries, projection and MLP only there."""
+        x_rows = x.gather(1, rows.unsqueeze(-1).expand(*rows.shape, x.shape[-1]))
+        x_rows = x_rows + self.attn.at(self.ln1(x), rows)
+        return x_rows + self.mlp(self.ln2(x_rows))
 
 
 class Transformer(nn.Module):
@@ -180,6 +201,24 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
+
+    def hidden_at(self, idx: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (B, k, d) at token `positions` (B, k) of a bidirectional model.
+
+        Equals `trunk(idx, labels)` gathered at those positions, but the last block runs its queries,
+        projection and MLP only there: a sampling step of the absorbing prior needs a few positions.
+        """
+        if self.cfg.causal:
+            raise ValueError("hidden_at is for the bidirectional (absorbing) transformer")
+        rows = positions + (1 if self.cfg.has_prefix else 0)
+        if 2 * positions.shape[1] >= idx.shape[1]:
+            # Most positions asked for: the full trunk is as cheap.
+            hidden = self.trunk(idx, labels)
+            return hidden.gather(1, rows.unsqueeze(-1).expand(*rows.shape, hidden.shape[-1]))
+        x = self.drop(self.embed(idx, labels))
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.ln_f(self.blocks[-1].at(x, rows))
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
