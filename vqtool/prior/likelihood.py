@@ -9,6 +9,7 @@ Monte-Carlo variance of each image's estimate so a report can say how many digit
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -35,17 +36,9 @@ def _check(prior: LoadedPrior, tokens: torch.Tensor, labels: torch.Tensor | None
             raise VqtoolError(f"class labels must lie in 0..{cfg.n_classes - 1}")
 
 
-def dataset_nll(
-    prior: LoadedPrior,
-    tokens: torch.Tensor,
-    labels: torch.Tensor | None,
-    batch_size: int,
-    generator: torch.Generator,
-    progress: Callable[[int, int], None] | None = None,
-    nll_samples: int | None = None,
-) -> torch.Tensor:
-    """Bits per token of each grid of `tokens` (N, H, W), (N,) float32 on CPU (see `dataset_nll_estimate`)."""
-    return dataset_nll_estimate(prior, tokens, labels, batch_size, generator, progress, nll_samples)[0]
+def dataset_nll(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Bits per token of each grid, (N,) float32 on CPU: `dataset_nll_estimate` without the variance."""
+    return dataset_nll_estimate(*args, **kwargs)[0]
 
 
 def dataset_nll_estimate(
