@@ -10,8 +10,9 @@ Orders:
   random  fresh uniform keys at every call: a new random order per step and per image (the paper's).
   raster  row by row, left to right (the paper's alternative for large images).
   halton  the order in which the 2-D Halton sequence (bases 2 and 3) first visits each cell of the
-          grid (Halton-MaskGIT, Besnier et al. 2025). Any run of consecutive positions is spread evenly
-          over the grid, so the tokens revealed together are far apart. The same for every image.
+          grid (Halton-MaskGIT, Besnier et al. 2025). A low-discrepancy sequence: every run of
+          consecutive positions is spread out over the grid, so the tokens revealed together lie far
+          apart. The same for every image.
 
 `ORDERS` maps each name to its class; every class is made as `cls(grid)`.
 """
