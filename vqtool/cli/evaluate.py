@@ -21,14 +21,9 @@ _LpipsWeights = typer.Option(None, "--lpips-weights",
                              help="torchvision ImageNet weights of the LPIPS backbone (.pth or .safetensors).")
 
 
-def _parts(cls: type, section: str) -> tuple[Part, ...]:
-    """The stage's own settings, then the sampling settings used when it samples the prior on the fly."""
-    from vqtool.prior.sample import SampleSettings
-
-    return Part(cls, (section,)), Part(SampleSettings, ("sample",))
-
-
 @stage_command("eval")
+@options.sampling
+@options.common
 def eval_command(
     run: Path = options.Run,
     metrics: str = typer.Option(None, "--metrics", help="Comma-separated: fid,kid,prdc,recon,nll "
@@ -67,21 +62,10 @@ def eval_command(
     prior: Path = options.Prior,
     latents: Path = typer.Option(None, "--latents", help="Latents artifact (default: RUN/latents.safetensors)."),
     shards: Path = options.Shards,
-    steps: int = options.Steps,
-    temperature: float = options.Temperature,
-    schedule: str = options.Schedule,
-    curve: str = options.Curve,
-    order: str = options.Order,
-    top_k: int = options.TopK,
-    top_p: float = options.TopP,
     sample_batch_size: int = _SampleBatch,
-    seed: int = options.Seed,
-    device: str = options.Device,
-    precision: str = options.Precision,
     threads: int = options.Threads,
-    config: Path = options.Config,
-    set_: list[str] = options.Set,
-    overwrite: bool = options.Overwrite,
+    sampling=None,
+    common=None,
 ) -> None:
     """Score a run: FID/KID/PRDC of generated vs real images, VQ reconstruction, prior NLL → RUN/eval/report.json."""
     from vqtool.eval.stage import EvalSettings, evaluate
@@ -96,11 +80,9 @@ def eval_command(
                lpips_net=lpips_net,
                lpips_weights=_str(lpips_weights), cache=False if no_cache else None, cache_dir=_str(cache_dir),
                name=name, vq=_str(vq), prior=_str(prior), latents=_str(latents), shards=_str(shards))
-    chosen = stage_settings(_parts(EvalSettings, "eval"), load_recipe(config), set_,
-                            {"eval": cli, "sample": _sampling(steps, temperature, schedule, curve, order, top_k, top_p,
-                                                              sample_batch_size, seed)})
-    settings, sample = chosen["eval"], chosen["sample"]
-    result = evaluate(run, settings, sample, device=device, seed=seed, overwrite=overwrite, precision=precision)
+    settings, sample = _settings(EvalSettings, "eval", cli, sampling, sample_batch_size, common)
+    result = evaluate(run, settings, sample, device=common.device, seed=common.seed, overwrite=common.overwrite,
+                      precision=common.precision)
     console.print(Markdown(result.markdown))
     rows = [("report", result.json_path), ("artifact", result.artifact_path)]
     real_info = result.report.get("real")
@@ -116,6 +98,8 @@ def eval_command(
 
 
 @stage_command("neighbours")
+@options.sampling
+@options.common
 def neighbours_command(
     run: Path = options.Run,
     n: int = typer.Option(None, "--n", help="Samples checked (default 16)."),
@@ -137,20 +121,9 @@ def neighbours_command(
     vq: Path = options.VQ,
     prior: Path = options.Prior,
     shards: Path = options.Shards,
-    steps: int = options.Steps,
-    temperature: float = options.Temperature,
-    schedule: str = options.Schedule,
-    curve: str = options.Curve,
-    order: str = options.Order,
-    top_k: int = options.TopK,
-    top_p: float = options.TopP,
     sample_batch_size: int = _SampleBatch,
-    seed: int = options.Seed,
-    device: str = options.Device,
-    precision: str = options.Precision,
-    config: Path = options.Config,
-    set_: list[str] = options.Set,
-    overwrite: bool = options.Overwrite,
+    sampling=None,
+    common=None,
 ) -> None:
     """Find each sample's nearest training images by LPIPS, draw them, and judge memorisation against val."""
     from vqtool.eval.stage import NeighbourSettings, neighbour_check
@@ -158,11 +131,9 @@ def neighbours_command(
     cli = dict(n=n, k=k, net=net, lpips_weights=_str(lpips_weights), download=download, candidates=candidates,
                thumb_size=thumb_size, n_val=n_val, percentile=percentile, alpha=alpha, batch_size=batch_size,
                fake=fake, train=train, val=val, name=name, vq=_str(vq), prior=_str(prior), shards=_str(shards))
-    chosen = stage_settings(_parts(NeighbourSettings, "neighbours"), load_recipe(config), set_,
-                            {"neighbours": cli, "sample": _sampling(steps, temperature, schedule, curve, order, top_k,
-                                                                    top_p, sample_batch_size, seed)})
-    settings, sample = chosen["neighbours"], chosen["sample"]
-    r = neighbour_check(run, settings, sample, device=device, overwrite=overwrite, precision=precision)
+    settings, sample = _settings(NeighbourSettings, "neighbours", cli, sampling, sample_batch_size, common)
+    r = neighbour_check(run, settings, sample, device=common.device, overwrite=common.overwrite,
+                        precision=common.precision)
     colour = {"memorisation": "red", "possible copies": "yellow"}.get(r.report["verdict"], "green")
     console.print(f"[bold {colour}]{escape(r.report['message'])}[/bold {colour}]", soft_wrap=True)
     rows = [
@@ -177,9 +148,14 @@ def neighbours_command(
     console.print(summary_table("neighbours", [(key, escape(str(v))) for key, v in rows]))
 
 
-def _sampling(steps, temperature, schedule, curve, order, top_k, top_p, batch_size, seed) -> dict:
-    return dict(steps=steps, temperature=temperature, schedule=schedule, curve=curve, order=order, top_k=top_k,
-                top_p=top_p, batch_size=batch_size, seed=seed)
+def _settings(cls: type, section: str, cli: dict, sampling, batch_size: int | None, common):
+    """The stage's own settings, and the sampling settings it uses when it samples the prior on the fly."""
+    from vqtool.prior.sample import SampleSettings
+
+    parts = Part(cls, (section,)), Part(SampleSettings, ("sample",))
+    sample = dict(vars(sampling), batch_size=batch_size, seed=common.seed)
+    chosen = stage_settings(parts, load_recipe(common.config), common.set_, {section: cli, "sample": sample})
+    return chosen[section], chosen["sample"]
 
 
 def _draws(value: str | None) -> int | str | None:

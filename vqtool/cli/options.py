@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import typer
 
@@ -19,16 +24,47 @@ NprocPerNode = typer.Option(
     1, "--nproc-per-node", help="Train with N processes on this machine: one per GPU, or CPU processes (gloo) "
     "without CUDA. Starts them itself (torchrun's launcher); for several nodes use torchrun.")
 
-# Sampling: `sample`, `inpaint`, `eval` and `neighbours` draw with the same settings (vqtool.prior.sample).
-Steps = typer.Option(None, "--steps", help="Unmasking steps over the whole grid (default 50; = tokens: one per step).")
-Temperature = typer.Option(None, "--temperature", help="Softmax temperature of every draw (default 1.0).")
-Schedule = typer.Option(None, "--schedule", help="Absorbing prior: random (the paper's, default) | confidence "
-                                                 "(MaskGIT).")
-Curve = typer.Option(None, "--curve", help="Confidence schedule: cosine (default) | arccos.")
-TopK = typer.Option(None, "--top-k", help="Draw only among the k most likely codes.")
-TopP = typer.Option(None, "--top-p", help="Draw only from the smallest set of codes with this probability mass.")
-Order = typer.Option(None, "--order", help="Which masked tokens come first: random (default) | halton (spread "
-                                          "over the grid) | raster (random schedule only).")
+
+class OptionGroup:
+    """Parameters several commands share, written once. `@group` appends them to a command's signature (typer
+    reads `__signature__`) and hands their values to the command as one argument, named like the group: a
+    namespace of the values, or what `make(**values)` returns."""
+
+    def __init__(self, name: str, params: dict[str, tuple[type, Any]], make: Callable[..., Any] | None = None):
+        self.name, self.params, self.make = name, params, make
+
+    def __call__(self, fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        if self.name not in sig.parameters:
+            raise TypeError(f"{fn.__name__} takes no parameter {self.name!r} for its option group")
+        own = [p for p in sig.parameters.values() if p.name != self.name]
+        added = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+                 for k, (kind, option) in self.params.items()]
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            values = {k: kwargs.pop(k) for k in self.params}
+            kwargs[self.name] = self.make(**values) if self.make else SimpleNamespace(**values)
+            return fn(*args, **kwargs)
+
+        command.__signature__ = sig.replace(parameters=own + added)
+        return command
+
+
+# Sampling: `sample`, `inpaint`, `eval` and `neighbours` draw with the same settings (vqtool.prior.sample),
+# listed under their own heading in --help.
+def _draw(name: str, help: str):
+    return typer.Option(None, name, help=help, rich_help_panel="Sampling")
+
+
+Steps = _draw("--steps", "Unmasking steps over the whole grid (default 50; = tokens: one per step).")
+Temperature = _draw("--temperature", "Softmax temperature of every draw (default 1.0).")
+Schedule = _draw("--schedule", "Absorbing prior: random (the paper's, default) | confidence (MaskGIT).")
+Curve = _draw("--curve", "Confidence schedule: cosine (default) | arccos.")
+TopK = _draw("--top-k", "Draw only among the k most likely codes.")
+TopP = _draw("--top-p", "Draw only from the smallest set of codes with this probability mass.")
+Order = _draw("--order", "Which masked tokens come first: random (default) | halton (spread over the grid) | raster "
+                         "(random schedule only).")
 Quantize = typer.Option("none", "--quantize", help="none | int8 (dynamic int8 Linear layers; CPU only, faster).")
 Prior = typer.Option(None, "--prior", help="Prior artifact (default: RUN/prior.safetensors).")
 VQ = typer.Option(None, "--vq", help="VQ artifact the prior's latents came from (default: RUN/vq.safetensors).")
@@ -47,3 +83,14 @@ def apply_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+# The draw settings of vqtool.prior.sample.SampleSettings that every sampling command takes: `vars(sampling)`.
+sampling = OptionGroup("sampling", {
+    "steps": (int, Steps), "temperature": (float, Temperature), "schedule": (str, Schedule), "curve": (str, Curve),
+    "order": (str, Order), "top_k": (int, TopK), "top_p": (float, TopP)})
+
+# The tail of every sampling command: how it runs and where its settings come from.
+common = OptionGroup("common", {
+    "seed": (int, Seed), "device": (str, Device), "precision": (str, Precision), "config": (Path, Config),
+    "set_": (list[str], Set), "overwrite": (bool, Overwrite)})

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vqtool.cli import stage_command
+from vqtool.cli import options, stage_command
 from vqtool.console import console, summary_table
 
 if TYPE_CHECKING:
@@ -26,50 +26,50 @@ _Overwrite = typer.Option(False, "--overwrite", help="Replace outputs this pipel
 _DryRun = typer.Option(False, "--dry-run", help="Only say which stages would run and why.")
 _Set = typer.Option(None, "--set", help="Override a recipe setting: --set SECTION.KEY=VALUE, e.g. "
                                          "--set train_vq.max_steps=100, or --set seed=1 (repeatable).")
+
+
+def _pipeline_options(**values):
+    from vqtool.pipeline import PipelineOptions
+
+    return PipelineOptions(**values)
+
+
+# How every stage of the pipeline runs: one PipelineOptions, given to both commands as `opts`.
+_opts = options.OptionGroup("opts", {
+    "seed": (int, _Seed), "device": (str, _Device), "precision": (str, _Precision), "threads": (int, _Threads),
+    "overwrite": (bool, _Overwrite), "dry_run": (bool, _DryRun)}, make=_pipeline_options)
 _Stages = typer.Option(None, "--stages", help="Run only these stages, comma-separated (e.g. sample,eval).")
 
 
 @stage_command("quickstart")
+@_opts
 def quickstart_command(
     run: Path = typer.Option(Path("runs/quickstart"), "--run", help="Run folder for every output."),
     config: Path = typer.Option(None, "--config", help="Another recipe instead of recipes/quickstart.yaml."),
     set_: list[str] = _Set,
-    seed: int = _Seed,
-    device: str = _Device,
-    precision: str = _Precision,
-    threads: int = _Threads,
-    overwrite: bool = _Overwrite,
-    dry_run: bool = _DryRun,
+    opts=None,
 ) -> None:
     """The whole pipeline on the built-in synthetic shapes, CPU-sized (under 10 minutes on 2 cores):
     prepare → train-vq → encode → train-prior → sample → inpaint → eval → neighbours → RUN/index.html.
     Rerunning skips every stage that is up to date."""
-    from vqtool.pipeline import PipelineOptions, quickstart
+    from vqtool.pipeline import quickstart
 
-    opts = PipelineOptions(seed=seed, device=device, precision=precision, threads=threads, overwrite=overwrite,
-                           dry_run=dry_run)
     _print(quickstart(run, set_, opts, recipe_path=config))
 
 
 @stage_command("run")
+@_opts
 def run_command(
     recipe: Path = typer.Argument(..., help="Recipe YAML: sections per stage, optional `stages:` list, "
                                             "`prepare: {source: PATH}` or `{synthetic: shapes}`."),
     run: Path = typer.Option(None, "--run", help="Run folder (default: runs/RECIPE-NAME)."),
     set_: list[str] = _Set,
     stages: str = _Stages,
-    seed: int = _Seed,
-    device: str = _Device,
-    precision: str = _Precision,
-    threads: int = _Threads,
-    overwrite: bool = _Overwrite,
-    dry_run: bool = _DryRun,
+    opts=None,
 ) -> None:
     """Run a recipe's stages in order, skipping those whose outputs are up to date (provenance hashes)."""
-    from vqtool.pipeline import PipelineOptions, load_and_run
+    from vqtool.pipeline import load_and_run
 
-    opts = PipelineOptions(seed=seed, device=device, precision=precision, threads=threads, overwrite=overwrite,
-                           dry_run=dry_run)
     chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     _print(load_and_run(recipe, run or Path("runs") / recipe.stem, set_, opts, chosen))
 

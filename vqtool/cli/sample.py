@@ -18,27 +18,22 @@ _Class = typer.Option(None, "--class", help="Class index or name for a class-con
                                           "(default: classes cycled).")
 
 
-def _settings(config: Path | None, set_: list[str] | None, sections: tuple[str, ...], cli: dict):
+def _settings(common, sections: tuple[str, ...], cli: dict):
     from vqtool.prior.sample import SampleSettings
 
     part = Part(SampleSettings, sections)
-    return stage_settings((part,), load_recipe(config), set_, {part.name: cli})[part.name]
+    return stage_settings((part,), load_recipe(common.config), common.set_, {part.name: cli})[part.name]
 
 
 @stage_command("sample")
+@options.sampling
+@options.common
 def sample_command(
     run: Path = options.Run,
     n: int = typer.Option(64, "--n", help="Number of images to draw."),
-    steps: int = options.Steps,
-    temperature: float = options.Temperature,
-    schedule: str = options.Schedule,
-    curve: str = options.Curve,
-    top_k: int = options.TopK,
-    top_p: float = options.TopP,
     shape: tuple[int, int] = typer.Option(None, "--shape", help="Token grid H W, larger than the training grid "
                                                                 "(absorbing: window mixture; AR: sliding window)."),
     stride: int = _Stride,
-    order: str = options.Order,
     batch_size: int = _BatchSize,
     class_: str = _Class,
     no_cache: bool = typer.Option(False, "--no-cache", help="Autoregressive prior: recompute instead of KV cache."),
@@ -46,24 +41,20 @@ def sample_command(
     prior: Path = options.Prior,
     vq: Path = options.VQ,
     out: Path = typer.Option(None, "--out", help="Output folder (default: RUN/samples)."),
-    seed: int = options.Seed,
-    device: str = options.Device,
-    precision: str = options.Precision,
-    config: Path = options.Config,
-    set_: list[str] = options.Set,
-    overwrite: bool = options.Overwrite,
+    sampling=None,
+    common=None,
 ) -> None:
     """Draw images from a trained prior: PNGs, a grid and samples.safetensors in RUN/samples."""
     from vqtool.prior.sample import sample_images
 
     paths = RunPaths.of(run)
-    cli = dict(steps=steps, temperature=temperature, schedule=schedule, curve=curve, top_k=top_k, top_p=top_p,
-               shape=shape, stride=stride, order=order, batch_size=batch_size, seed=seed,
+    cli = dict(vars(sampling), shape=shape, stride=stride, batch_size=batch_size, seed=common.seed,
                use_cache=False if no_cache else None)
-    settings = _settings(config, set_, ("sample",), cli)
+    settings = _settings(common, ("sample",), cli)
     with CallbackBar("sampling") as bar:
         r = sample_images(prior or paths.prior, vq or paths.vq, out or paths.samples, n, settings, class_id=class_,
-                          device=device, quantize=quantize, overwrite=overwrite, progress=bar, precision=precision)
+                          device=common.device, quantize=quantize, overwrite=common.overwrite, progress=bar,
+                          precision=common.precision)
     H, W = r.tokens.shape[1:]
     rows = [
         ("images", f"{len(r.images)} PNGs in {r.grid.parent}"),
@@ -85,6 +76,8 @@ def _describe(settings, prior_kind: str, n_tokens: int) -> str:
 
 
 @stage_command("inpaint")
+@options.sampling
+@options.common
 def inpaint_command(
     image: Path = typer.Argument(..., help="The image to complete (any size; centre-cropped like prepare)."),
     run: Path = options.Run,
@@ -92,38 +85,27 @@ def inpaint_command(
     box: str = typer.Option(None, "--box", help="Region to regenerate: x0,y0,x1,y1 in IMAGE pixels (x1, y1 excluded)."),
     n: int = typer.Option(8, "--n", help="Number of completions."),
     keep_pixels: bool = typer.Option(False, "--keep-pixels", help="Paste IMAGE's pixels back outside the mask."),
-    steps: int = options.Steps,
-    temperature: float = options.Temperature,
-    schedule: str = options.Schedule,
-    curve: str = options.Curve,
-    top_k: int = options.TopK,
-    top_p: float = options.TopP,
-    order: str = options.Order,
     batch_size: int = _BatchSize,
     class_: str = _Class,
     quantize: str = options.Quantize,
     prior: Path = options.Prior,
     vq: Path = options.VQ,
     out: Path = typer.Option(None, "--out", help="Output folder (default: RUN/inpaint)."),
-    seed: int = options.Seed,
-    device: str = options.Device,
-    precision: str = options.Precision,
-    config: Path = options.Config,
-    set_: list[str] = options.Set,
-    overwrite: bool = options.Overwrite,
+    sampling=None,
+    common=None,
 ) -> None:
     """Regenerate the masked part of an image with an absorbing prior: n completions as PNGs."""
     from vqtool.prior.inpaint import inpaint_image, parse_box
 
     paths = RunPaths.of(run)
-    cli = dict(steps=steps, temperature=temperature, schedule=schedule, curve=curve, top_k=top_k, top_p=top_p,
-               order=order, batch_size=batch_size, seed=seed)
-    settings = _settings(config, set_, ("sample", "inpaint"), cli)
+    cli = dict(vars(sampling), batch_size=batch_size, seed=common.seed)
+    settings = _settings(common, ("sample", "inpaint"), cli)
     parsed_box = parse_box(box) if box is not None else None
     with CallbackBar("inpainting") as bar:
         r = inpaint_image(prior or paths.prior, vq or paths.vq, image, out or paths.inpaint, n, settings,
-                          mask_path=mask, box=parsed_box, keep_pixels=keep_pixels, class_id=class_, device=device,
-                          quantize=quantize, overwrite=overwrite, progress=bar, precision=precision)
+                          mask_path=mask, box=parsed_box, keep_pixels=keep_pixels, class_id=class_,
+                          device=common.device, quantize=quantize, overwrite=common.overwrite, progress=bar,
+                          precision=common.precision)
     h, w = r.tokens.shape[1:]
     rows = [
         ("masked tokens", f"{r.masked_tokens} of {h * w}"),
