@@ -142,6 +142,17 @@ def _outputs(folder: Path, name: str, overwrite: bool) -> tuple[Path, Path]:
     return json_path, artifact_path
 
 
+class _Input:
+    """An input path of the stage: the settings' `key` when given, else the run's standard file of that name."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __get__(self, stage, owner=None) -> Path:
+        given = getattr(stage.s, self.key)
+        return Path(given) if given else getattr(stage.paths, self.key)
+
+
 @dataclass
 class _Eval:
     """What the parts of one evaluation share: inputs, device, bars, and the report being filled in."""
@@ -159,21 +170,10 @@ class _Eval:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     _vq: Any = None
 
-    @property
-    def shards(self) -> Path:
-        return Path(self.s.shards) if self.s.shards else self.paths.shards
-
-    @property
-    def vq_path(self) -> Path:
-        return Path(self.s.vq) if self.s.vq else self.paths.vq
-
-    @property
-    def prior_path(self) -> Path:
-        return Path(self.s.prior) if self.s.prior else self.paths.prior
-
-    @property
-    def latents_path(self) -> Path:
-        return Path(self.s.latents) if self.s.latents else self.paths.latents
+    shards = _Input("shards")
+    vq_path = _Input("vq")
+    prior_path = _Input("prior")
+    latents_path = _Input("latents")
 
     def vq(self):
         if self._vq is None:

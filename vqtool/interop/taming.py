@@ -34,6 +34,9 @@ from vqtool.interop.convert import (
 from vqtool.prior.transformer import TransformerConfig
 from vqtool.vq.model import VQConfig
 
+# The VQGAN's layers outside the levels and middle blocks: named alike in Taming and in vqtool.
+_SAME_NAMES = (*(f"{side}.{layer}" for side in ("encoder", "decoder") for layer in ("conv_in", "norm_out", "conv_out")),
+               "quant_conv", "post_quant_conv")
 VQ_TARGET = "taming.models.vqgan.VQModel"
 GPT_TARGET = "taming.models.cond_transformer.Net2NetTransformer"
 UNSUPPORTED_TARGETS = {
@@ -139,18 +142,12 @@ def convert_vqmodel(state: dict, where: str, params: dict[str, Any] | None = Non
         raise VqtoolError(f"{where}: a segmentation-map VQ (colorize buffer), which vqtool does not model")
     src = Source(state, where, prefix=prefix)
     dst: dict[str, torch.Tensor] = {}
-    move(src, dst, "encoder.conv_in", "encoder.conv_in")
+    for name in _SAME_NAMES:
+        move(src, dst, name, name)
     enc = _levels(src, dst, "encoder", "encoder", decoder=False)
     _mid(src, dst, "encoder", "encoder")
-    move(src, dst, "encoder.norm_out", "encoder.norm_out")
-    move(src, dst, "encoder.conv_out", "encoder.conv_out")
-    move(src, dst, "decoder.conv_in", "decoder.conv_in")
     _mid(src, dst, "decoder", "decoder")
     dec = _levels(src, dst, "decoder", "decoder", decoder=True)
-    move(src, dst, "decoder.norm_out", "decoder.norm_out")
-    move(src, dst, "decoder.conv_out", "decoder.conv_out")
-    move(src, dst, "quant_conv", "quant_conv")
-    move(src, dst, "post_quant_conv", "post_quant_conv")
     codes = src.take("quantize.embedding.weight")
     if src.has("quantize.used"):
         raise VqtoolError(f"{where}: the quantizer remaps code indices (remap), which vqtool does not model")

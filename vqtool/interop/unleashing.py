@@ -21,17 +21,8 @@ import math
 import torch
 
 from vqtool.errors import VqtoolError
-from vqtool.interop.convert import (
-    Converted,
-    Source,
-    attention_resolutions,
-    check_heads,
-    conv_attention,
-    discriminator,
-    gpt_blocks,
-    move,
-    set_codebook,
-)
+from vqtool.interop import convert
+from vqtool.interop.convert import Converted, Source
 from vqtool.prior.transformer import TransformerConfig
 from vqtool.vq.model import VQConfig
 
@@ -84,9 +75,9 @@ def _levels(src: Source, head: str, body: list[int]) -> list[list[tuple[int, boo
 def _resblock(src: Source, dst: dict, s: str, d: str) -> tuple[int, int]:
     c_in, c_out = int(src.peek(f"{s}.conv1.weight").shape[1]), int(src.peek(f"{s}.conv1.weight").shape[0])
     for part in ("norm1", "conv1", "norm2", "conv2"):
-        move(src, dst, f"{s}.{part}", f"{d}.{part}")
+        convert.move(src, dst, f"{s}.{part}", f"{d}.{part}")
     if c_in != c_out:
-        move(src, dst, f"{s}.conv_out", f"{d}.skip")
+        convert.move(src, dst, f"{s}.conv_out", f"{d}.skip")
     else:
         src.drop(f"{s}.conv_out")  # built by the official code but only applied when channels change
     return c_in, c_out
@@ -105,7 +96,7 @@ def _network(src: Source, dst: dict, head: str, out: str, decoder: bool) -> dict
     levels = _levels(src, head, body)
     if decoder:
         levels = levels[::-1]  # the generator walks the levels from the coarsest; index them as the encoder does
-    move(src, dst, f"{head}.0", f"{out}.conv_in")
+    convert.move(src, dst, f"{head}.0", f"{out}.conv_in")
     c_in_first = int(dst[f"{out}.conv_in.weight"].shape[1])
     mults, attention, blocks = [], [], {len(level) for level in levels}
     for i, level in enumerate(levels):
@@ -113,7 +104,7 @@ def _network(src: Source, dst: dict, head: str, out: str, decoder: bool) -> dict
         for j, (n, attn) in enumerate(level):
             _, c_out = _resblock(src, dst, f"{head}.{n}", f"{out}.levels.{slot}.blocks.{j}")
             if attn:
-                conv_attention(src, dst, f"{head}.{n + 1}", f"{out}.levels.{slot}.attns.{j}")
+                convert.conv_attention(src, dst, f"{head}.{n + 1}", f"{out}.levels.{slot}.attns.{j}")
         mults.append(c_out)
         attention.append(level[0][1])
         if any(attn != level[0][1] for _, attn in level):
@@ -122,13 +113,13 @@ def _network(src: Source, dst: dict, head: str, out: str, decoder: bool) -> dict
     for k, n in enumerate(resamplers):
         # Encoder: the k-th downsampler follows level k. Generator: the k-th upsampler follows level n-1-k,
         # which vqtool's decoder (coarsest level first) holds at slot k.
-        move(src, dst, f"{head}.{n}.conv", f"{out}.{'ups' if decoder else 'downs'}.{k}.conv")
+        convert.move(src, dst, f"{head}.{n}.conv", f"{out}.{'ups' if decoder else 'downs'}.{k}.conv")
     m0, m1, m2 = mid
     _resblock(src, dst, f"{head}.{m0}", f"{out}.mid.block1")
-    conv_attention(src, dst, f"{head}.{m1}", f"{out}.mid.attn")
+    convert.conv_attention(src, dst, f"{head}.{m1}", f"{out}.mid.attn")
     _resblock(src, dst, f"{head}.{m2}", f"{out}.mid.block2")
-    move(src, dst, f"{head}.{order[-2]}", f"{out}.norm_out")
-    move(src, dst, f"{head}.{order[-1]}", f"{out}.conv_out")
+    convert.move(src, dst, f"{head}.{order[-2]}", f"{out}.norm_out")
+    convert.move(src, dst, f"{head}.{order[-1]}", f"{out}.conv_out")
     if len(blocks) != 1:
         raise VqtoolError(f"{src.where}: levels of {src.prefix}{head} have different numbers of ResBlocks")
     return {"channels": mults, "attention": attention, "blocks": blocks.pop(), "in": c_in_first}
@@ -159,7 +150,7 @@ def convert_vqgan(state: dict, where: str, image_size: int | None = None) -> Con
         inferred["image_size"] = f"{image_size} (not in the file; the official default; set --image-size)"
     else:
         inferred["image_size"] = f"{image_size} (from --image-size; not in the file)"
-    attn_res = attention_resolutions(enc["attention"], image_size, where)
+    attn_res = convert.attention_resolutions(enc["attention"], image_size, where)
     inferred["attn_resolutions"] = f"{attn_res} (attention levels read off the block order, sized by image_size)"
     inferred["beta"] = "0.25 (commitment weight, training only; not in the file)"
     cfg = VQConfig(resolution=image_size, ch=ch, ch_mult=[c // ch for c in enc["channels"]],
@@ -167,13 +158,13 @@ def convert_vqgan(state: dict, where: str, image_size: int | None = None) -> Con
                    codebook_size=int(codes.shape[0]), code_dim=emb_dim, cosine=False, kmeans_init=False,
                    restart_threshold=0.0, quant_convs=False, decoder_res_blocks=dec["blocks"],
                    swish_before_out=False)
-    set_codebook(dst, codes)
+    convert.set_codebook(dst, codes)
     dropped = {}
     if src.drop("ae.generator.logsigma"):
         dropped["ae.generator.logsigma"] = "the pixel-likelihood head fitted after training for the paper's ELBO"
     if src.drop("perceptual"):
         dropped["perceptual"] = "LPIPS weights; vqtool loads LPIPS itself (--perceptual-weights)"
-    disc, disc_cfg = discriminator(src, "disc")
+    disc, disc_cfg = convert.discriminator(src, "disc")
     src.finish()
     return Converted(kind="vq-model", config=cfg, state=dst, format="unleashing-transformers/vqgan",
                      inferred=inferred, dropped=dropped, discriminator=disc, discriminator_config=disc_cfg)
@@ -213,8 +204,8 @@ def convert_absorbing(state: dict, where: str, heads: int | None = None,
         inferred["positions"] = (f"the first {n_tokens} of the file's {pos.shape[0]} learned positions (the --vq "
                                  f"grid is {grid[0]}×{grid[1]}; check its image size if that is unexpected)")
     dst["pos"] = pos[:n_tokens]
-    n_layer = gpt_blocks(src, dst)
-    move(src, dst, "ln_f", "ln_f")
+    n_layer = convert.gpt_blocks(src, dst)
+    convert.move(src, dst, "ln_f", "ln_f")
     dst["lm_head.weight"] = src.take("head.weight")
     src.drop("start_tok")  # only the official code's autoregressive mode reads it
     src.finish()
@@ -223,7 +214,7 @@ def convert_absorbing(state: dict, where: str, heads: int | None = None,
         inferred["n_head"] = f"{heads} (not in the file; the official default; set --heads)"
     else:
         inferred["n_head"] = f"{heads} (from --heads; not in the file)"
-    check_heads(n_embd, heads, where)
+    convert.check_heads(n_embd, heads, where)
     T = DEFAULT_T
     if "Lt_history" in buffers:
         T = int(buffers["Lt_history"].shape[0]) - 1
