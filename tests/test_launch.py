@@ -218,7 +218,7 @@ def test_the_ranks_get_the_options_as_given_without_nproc_per_node(tmp_path):
     assert reparsed.params["nproc_per_node"] == 1
     vq = launch.command_line(parsed("train-vq", "--threads", "1", "--nproc-per-node", "4", "--overwrite"),
                              "nproc_per_node")
-    assert vq == ["train-vq", "--threads", "1", "--overwrite"]
+    assert vq == ["train-vq", "--overwrite", "--threads", "1"]  # the machine options come last
 
 
 def test_nproc_per_node_is_checked_against_the_machine(monkeypatch):

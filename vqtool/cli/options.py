@@ -94,3 +94,13 @@ sampling = OptionGroup("sampling", {
 common = OptionGroup("common", {
     "seed": (int, Seed), "device": (str, Device), "precision": (str, Precision), "config": (Path, Config),
     "set_": (list[str], Set), "overwrite": (bool, Overwrite)})
+
+
+def _machine(device: str, precision: str, threads: int | None) -> SimpleNamespace:
+    apply_threads(threads)
+    return SimpleNamespace(device=device, precision=precision)
+
+
+# Where a model stage runs: `machine.device`, `machine.precision`; --threads is applied before the stage starts.
+machine = OptionGroup("machine", {"device": (str, Device), "precision": (str, Precision),
+                                  "threads": (int, Threads)}, make=_machine)

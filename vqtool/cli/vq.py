@@ -33,6 +33,7 @@ def _rows(d: dict[str, Any] | None, fmt: str = "{:.4g}") -> str:
 
 
 @stage_command("train-vq")
+@options.machine
 def train_vq_command(
     ctx: typer.Context,
     run: Path = options.Run,
@@ -59,12 +60,10 @@ def train_vq_command(
         "optimizer) starting from its ema.* weights (the ones meant for use; model.* if it has none), its "
         "discriminator when it has one, and its model settings. Only beta, dropout, kmeans_init, "
         "restart_threshold and usage_decay may differ. --resume continues such a run without it."),
-    device: str = options.Device,
-    precision: str = options.Precision,
-    threads: int = options.Threads,
     seed: int = options.Seed,
     overwrite: bool = options.Overwrite,
     nproc_per_node: int = options.NprocPerNode,
+    machine=None,
 ) -> None:
     """Train the VQGAN codebook model on RUN/shards → RUN/vq.safetensors (EMA + raw weights, codebook stats)."""
     from vqtool.distributed import process_info
@@ -72,7 +71,6 @@ def train_vq_command(
     from vqtool.launch import launch_ranks
     from vqtool.vq.train import train_vq
 
-    options.apply_threads(threads)
     cli = dict(max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                perceptual=perceptual,
                perceptual_weights=str(perceptual_weights) if perceptual_weights else None, disc_start=disc_start,
@@ -80,9 +78,9 @@ def train_vq_command(
     # The settings as chosen, not yet filled with defaults: with --init they are checked against the artifact.
     chosen = choose(train_vq_parts(), load_recipe(config), set_, {"train_vq": cli})
     if nproc_per_node != 1:
-        return launch_ranks(ctx, nproc_per_node, device)
-    r = train_vq(run, chosen["vq"], chosen["train_vq"], seed=seed, device=device, resume=resume, overwrite=overwrite,
-                 shards=shards, init=init, precision=precision)
+        return launch_ranks(ctx, nproc_per_node, machine.device)
+    r = train_vq(run, chosen["vq"], chosen["train_vq"], seed=seed, device=machine.device, resume=resume,
+                 overwrite=overwrite, shards=shards, init=init, precision=machine.precision)
     rows = [
         ("output", r.output),
         *([("init", init_row(r.init, r.init_sha256))] if r.init_sha256 else []),
@@ -102,6 +100,7 @@ def train_vq_command(
 
 
 @stage_command("encode")
+@options.machine
 def encode_command(
     run: Path = options.Run,
     vq: Path = VQPath,
@@ -110,19 +109,16 @@ def encode_command(
     # Defaults: vqtool.vq.encode.EncodeSettings, shared with the pipeline's `encode:` section.
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass."),
     weights: str = typer.Option(None, "--weights", help=_WEIGHTS_HELP),
-    device: str = options.Device,
-    precision: str = options.Precision,
-    threads: int = options.Threads,
     overwrite: bool = options.Overwrite,
+    machine=None,
 ) -> None:
     """Encode the train and val shards into token grids → RUN/latents.safetensors (parents: vq, dataset)."""
     from vqtool.vq.encode import EncodeSettings, encode_dataset
 
-    options.apply_threads(threads)
     s = stage_settings((Part(EncodeSettings, ("encode",)),), {}, None,
                        {"encode": {"batch_size": batch_size, "weights": weights}})["encode"]
-    r = encode_dataset(run, vq, shards, out, batch_size=s.batch_size, device=device, overwrite=overwrite,
-                       weights=s.weights, precision=precision)
+    r = encode_dataset(run, vq, shards, out, batch_size=s.batch_size, device=machine.device, overwrite=overwrite,
+                       weights=s.weights, precision=machine.precision)
     rows = [
         ("output", r.output),
         ("status", "up to date (same VQ and data); nothing encoded" if r.reused else "encoded"),
@@ -138,6 +134,7 @@ def encode_command(
 
 
 @stage_command("reconstruct")
+@options.machine
 def reconstruct_command(
     images: list[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
     run: Path = options.Run,
@@ -145,22 +142,20 @@ def reconstruct_command(
     out: Path = typer.Option(None, "--out", help="Folder for the PNGs (default: RUN/reconstructions)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
     weights: str = Weights,
-    device: str = options.Device,
-    precision: str = options.Precision,
-    threads: int = options.Threads,
+    machine=None,
 ) -> None:
     """Images → centre-crop to the VQ's size → encode → decode → one PNG each + comparison.png."""
     from vqtool.vq.encode import reconstruct_images
 
-    options.apply_threads(threads)
-    r = reconstruct_images(run, images, vq, out, batch_size=batch_size, device=device, weights=weights,
-                           precision=precision)
+    r = reconstruct_images(run, images, vq, out, batch_size=batch_size, device=machine.device, weights=weights,
+                           precision=machine.precision)
     rows = [("images", r.count), ("output", r.out_dir), ("comparison", r.grid), ("mean PSNR", f"{r.psnr:.2f} dB"),
             ("precision", r.precision)]
     console.print(summary_table("reconstruct", [(k, escape(str(v))) for k, v in rows]))
 
 
 @stage_command("decode")
+@options.machine
 def decode_command(
     source: Path = typer.Argument(
         None, help="A latents or samples artifact (default: RUN/samples/samples.safetensors, else RUN/latents)."),
@@ -171,16 +166,13 @@ def decode_command(
     limit: int = typer.Option(64, "--limit", help="Decode at most this many grids."),
     batch_size: int = typer.Option(64, "--batch-size", help="Grids per forward pass."),
     weights: str = Weights,
-    device: str = options.Device,
-    precision: str = options.Precision,
-    threads: int = options.Threads,
+    machine=None,
 ) -> None:
     """Token grids (latents or samples artifact) → PNG images and grid.png, checking they were made by this VQ."""
     from vqtool.vq.encode import decode_artifact
 
-    options.apply_threads(threads)
-    r = decode_artifact(run, source, vq, out, split=split, limit=limit, batch_size=batch_size, device=device,
-                        weights=weights, precision=precision)
+    r = decode_artifact(run, source, vq, out, split=split, limit=limit, batch_size=batch_size, device=machine.device,
+                        weights=weights, precision=machine.precision)
     rows = [("source", f"{r.source} ({r.kind})"), ("images", len(r.files)), ("output", r.out_dir), ("grid", r.grid),
             ("precision", r.precision)]
     console.print(summary_table("decode", [(k, escape(str(v))) for k, v in rows]))
