@@ -201,6 +201,22 @@ def test_a_resume_hides_what_the_killed_session_logged_after_its_checkpoint(tmp_
     assert tensorboard_scalars(folder) == {}
 
 
+def test_only_rank_0_writes_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard", reason="--tensorboard needs the tensorboard package")
+    from test_training import ToyTask
+
+    from vqtool.distributed import ProcessInfo
+    from vqtool.training import LoopSettings, run_loop
+
+    settings = LoopSettings(max_steps=2, log_every=1, eval_every=1, tensorboard=True)
+    for rank in (1, 0):  # a two-process run's ranks, each alone here (no collectives without a process group)
+        run_loop(ToyTask(), settings, tmp_path / "checkpoints" / "toy-last.safetensors", tmp_path / "toy.jsonl",
+                 proc=ProcessInfo(rank=rank, world_size=2))
+        if rank == 1:
+            assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "toy.jsonl").exists()
+    assert tensorboard_scalars(tmp_path / "tensorboard" / "toy")["train/loss"][-1][0] == 2
+
+
 def test_tensorboard_of_train_vq_has_the_reconstruction_grids(tiny_finished_run):
     pytest.importorskip("tensorboard", reason="--tensorboard needs the tensorboard package")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
