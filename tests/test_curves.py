@@ -72,10 +72,9 @@ def test_prior_log_with_a_cut_off_last_line_is_read_up_to_it(tmp_path):
     c = draw_curves(log, tmp_path / "curves" / "train-prior.png")
     assert c.panels == ["train loss", "bits/token", "learning rate", "gradient norm (before clipping)"]
     assert Image.open(c.png).size == (2 * PANEL_PX[0], 2 * PANEL_PX[1]) and c.last_step == 10
-    empty = tmp_path / "train-prior-ar.jsonl"
-    empty.write_text('{"step": 1, "split": "tr')  # the first line, being written
-    c = draw_curves(empty, tmp_path / "curves" / "train-prior-ar.png")
-    assert c.png is None and c.records == 0 and not (tmp_path / "curves" / "train-prior-ar.png").exists()
+    log.write_text('{"step": 1, "split": "tr')  # started afresh: the first line, being written
+    c = draw_curves(log, tmp_path / "curves" / "train-prior.png")
+    assert c.png is None and c.records == 0 and not (tmp_path / "curves" / "train-prior.png").exists()
 
 
 def test_minutes_leave_pauses_between_sessions_out():

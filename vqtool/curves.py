@@ -181,11 +181,13 @@ def layout(n_panels: int) -> tuple[int, int]:
 
 
 def draw_curves(log: Path, out: Path, stage: str | None = None) -> Curves:
-    """Draw the curves of `log` into the PNG `out` (written atomically); nothing is written for an empty log."""
+    """Draw the curves of `log` into the PNG `out` (written atomically). For a log with nothing to draw (a run
+    started afresh) an older `out` is removed, so no stale figure is left beside it."""
     stage = stage or Path(log).stem
     records = read_log(log)
     curves = Curves(stage, Path(log), None, records=len(records))
     if not records:
+        Path(out).unlink(missing_ok=True)
         return curves
     curves.last_step = records[-1]["step"]
     curves.last_time = next((t for r in reversed(records) if (t := _number(r.get("time"))) is not None), None)
@@ -198,6 +200,7 @@ def draw_curves(log: Path, out: Path, stage: str | None = None) -> Curves:
     drawn = [(p, data) for p, data in drawn if data]
     curves.panels = [p.title for p, _ in drawn]
     if not drawn:
+        Path(out).unlink(missing_ok=True)
         return curves
     minutes = _minutes_of_steps(records)
     atomic_write_bytes(out, _figure_png(stage, drawn, minutes))
