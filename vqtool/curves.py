@@ -171,7 +171,10 @@ def _minutes_of_steps(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.nda
         return None
     steps = np.array(sorted(first), dtype=float)
     times = np.maximum.accumulate(np.array([first[int(s)] for s in steps]))
-    return steps, training_minutes(steps, times)
+    minutes = training_minutes(steps, times)
+    if steps[0] > 0:  # the run started at step 0, minute 0
+        steps, minutes = np.concatenate([[0.0], steps]), np.concatenate([[0.0], minutes])
+    return steps, minutes
 
 
 def layout(n_panels: int) -> tuple[int, int]:
