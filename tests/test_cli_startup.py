@@ -1,4 +1,4 @@
-"""`vqtool --help` stays quick: the CLI modules load torch only inside the command that runs."""
+"""`vqtool --help` stays quick: the CLI modules load torch and matplotlib only inside the command that runs."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ PROBE = """
 import sys
 from typer.testing import CliRunner
 from vqtool.cli import app
-for args in (["--help"], ["encode", "--help"], ["run", "--help"], ["train-prior", "--help"]):
+for args in (["--help"], ["encode", "--help"], ["run", "--help"], ["train-prior", "--help"], ["report", "--help"]):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, (args, result.output)
-print(sorted(m for m in ("torch", "numpy") if m in sys.modules))
+print(sorted(m for m in ("torch", "numpy", "matplotlib") if m in sys.modules))
 """
 
 

@@ -139,8 +139,8 @@ def test_index_html_shows_every_part_by_relative_path(quick):
     assert result.index == run / "index.html"
     page = result.index.read_text()
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert {"samples/grid.png", "figures/reconstructions.png", "inpaint/grid.png", "eval/neighbours.png"} <= set(
-        sources)
+    assert {"samples/grid.png", "figures/reconstructions.png", "inpaint/grid.png", "eval/neighbours.png",
+            "curves/train-vq.png", "curves/train-prior.png"} <= set(sources)
     for src in sources:
         assert not Path(src).is_absolute() and (run / src).exists()
     assert "Recon PSNR" in page and "NLL val" in page and "<script" not in page

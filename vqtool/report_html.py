@@ -1,9 +1,11 @@
 """RUN/index.html: one static page with what a run made, built from the files in the run folder.
 
-Sections: the stages (from RUN/pipeline.json), the sample grid, reconstructions of held-out images, the
-inpainting, the nearest-neighbour grid and the metrics table. Images are referenced by paths relative to
-the run folder, so the folder can be copied or served as it is; no JavaScript, no external assets. A part
-the run did not make is named as missing, with the stage that makes it.
+Sections: the stages (from RUN/pipeline.json), the training curves (vqtool.curves, redrawn from the
+trainers' logs each time), the sample grid, reconstructions of held-out images, the inpainting, the
+nearest-neighbour grid and the metrics table. Images are referenced by paths relative to the run folder,
+so the folder can be copied or served as it is; no JavaScript, no external assets. A part the run did not
+make is named as missing, with the stage that makes it. `write_report` (`vqtool report RUN`) writes the
+page for any run folder, finished, still training, or with only some stages done.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ import torch
 
 from vqtool import __version__
 from vqtool.artifacts import atomic_write_text, read_metadata
+from vqtool.curves import Curves, draw_run_curves, training_logs
 from vqtool.errors import VqtoolError
 from vqtool.runs import RunPaths
 
@@ -182,33 +187,97 @@ def _files(root: Path, paths: RunPaths) -> str:
     found = [p for p in (paths.shards / "manifest.json", paths.vq, paths.latents, paths.prior, paths.samples_artifact,
                          paths.inpaint / "inpaint.safetensors", paths.eval / "report.json",
                          paths.eval / "neighbours.json", root / "pipeline.json") if p.exists()]
+    found += training_logs(root)
     items = "".join(f'<li><a href="{_rel(p, root)}">{html.escape(p.relative_to(root).as_posix())}</a></li>'
                     for p in found)
     return f"<ul>{items}</ul><p class=\"note\">Describe any artifact with <code>vqtool info PATH</code>.</p>"
 
 
-def write_index(run: str | Path, device: str = "cpu") -> Path:
-    """Write RUN/index.html (and the reconstruction figure it shows); return its path."""
-    paths = RunPaths.of(run)
-    root = paths.root
+def _when(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _curves(root: Path, curves: list[Curves]) -> str:
+    if not curves:
+        return ('<p class="missing">No training logs in this run (RUN/train-vq.jsonl and RUN/train-prior.jsonl are '
+                'written by the <code>train-vq</code> and <code>train-prior</code> stages).</p>')
+    parts = []
+    for c in curves:
+        parts.append(f"<h3>{html.escape(c.stage)}</h3>")
+        if c.png is None:
+            parts.append(f'<p class="note">{html.escape(c.log.name)} has no records yet.</p>')
+            continue
+        last = f", the last written {_when(c.last_time)}" if c.last_time is not None else ""
+        top = "; top: minutes of training (pauses between sessions left out)" if c.minutes_axis else ""
+        parts.append(f"{_image(c.png, root, c.stage + ' curves')}<p class=\"note\">{c.records} records of "
+                     f"<a href=\"{_rel(c.log, root)}\">{html.escape(c.log.name)}</a> up to step {c.last_step}{last}. "
+                     f"Bottom axis: optimisation steps{top}.</p>")
+    return "".join(parts)
+
+
+def check_run_folder(root: Path) -> None:
+    """Refuse, in one line, a path that is not a vqtool run folder (nothing any stage writes is in it)."""
     if not root.is_dir():
         raise VqtoolError(f"{root}: run folder not found")
+    paths = RunPaths.of(root)
+    made = [root / "pipeline.json", paths.shards / "manifest.json", paths.vq, paths.latents, paths.prior,
+            paths.samples_artifact, paths.inpaint / "inpaint.safetensors", paths.eval / "report.json",
+            paths.eval / "neighbours.json"]
+    if not any(p.exists() for p in made) and not training_logs(root) and not any(
+            paths.checkpoints.glob("train-*-last.safetensors")):
+        raise VqtoolError(f"{root}: not a vqtool run folder (no shards, models, training logs or pipeline.json); "
+                          "give the --run folder of a vqtool command")
+
+
+@dataclass
+class IndexReport:
+    """What `write_report` wrote: the page, the images it shows and the parts it names as missing."""
+
+    path: Path
+    images: list[str] = field(default_factory=list)  # paths relative to the run folder
+    missing: list[str] = field(default_factory=list)  # section titles
+    curves: list[Curves] = field(default_factory=list)
+
+
+def write_report(run: str | Path, device: str = "cpu") -> IndexReport:
+    """`vqtool report RUN`: (re)write RUN/index.html with fresh curves for any run folder."""
+    root = RunPaths.of(run).root
+    check_run_folder(root)
+    return _write(root, device)
+
+
+def write_index(run: str | Path, device: str = "cpu") -> Path:
+    """Write RUN/index.html (and the figures it shows); return its path."""
+    root = RunPaths.of(run).root
+    if not root.is_dir():
+        raise VqtoolError(f"{root}: run folder not found")
+    return _write(root, device).path
+
+
+def _write(root: Path, device: str) -> IndexReport:
+    paths = RunPaths.of(root)
     figure = reconstruction_figure(root, device="cpu" if device == "auto" else device)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    body = [
-        f"<h1>vqtool run <code>{html.escape(root.name)}</code></h1>",
-        f"<p class=\"note\">Written {now} by vqtool {html.escape(__version__)}.</p>",
-        "<h2>Stages</h2>", _stages_table(root),
-        "<h2>Samples</h2>", _samples(root, paths),
-        "<h2>Reconstructions</h2>", _reconstructions(root, figure),
-        "<h2>Inpainting</h2>", _inpainting(root, paths),
-        "<h2>Nearest training images</h2>", _neighbours(root, paths),
-        "<h2>Metrics</h2>", _metrics(paths),
-        "<h2>Files</h2>", _files(root, paths),
+    curves = draw_run_curves(root)
+    now = _when(datetime.datetime.now().timestamp())
+    sections = [
+        ("Stages", _stages_table(root)),
+        ("Training curves", _curves(root, curves)),
+        ("Samples", _samples(root, paths)),
+        ("Reconstructions", _reconstructions(root, figure)),
+        ("Inpainting", _inpainting(root, paths)),
+        ("Nearest training images", _neighbours(root, paths)),
+        ("Metrics", _metrics(paths)),
+        ("Files", _files(root, paths)),
     ]
+    body = [f"<h1>vqtool run <code>{html.escape(root.name)}</code></h1>",
+            f"<p class=\"note\">Written {now} by vqtool {html.escape(__version__)}.</p>"]
+    for title, text in sections:
+        body += [f"<h2>{title}</h2>", text]
     page = (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>vqtool: {html.escape(root.name)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body>\n</html>\n")
     out = root / INDEX_NAME
     atomic_write_text(out, page)
-    return out
+    images = [html.unescape(src) for _, text in sections for src in re.findall(r'<img src="([^"]+)"', text)]
+    missing = [title for title, text in sections if 'class="missing"' in text]
+    return IndexReport(out, images, missing, curves)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from vqtool.errors import VqtoolError
 from vqtool.outputs import check_writable
 from vqtool.runlock import RunLock, lock_path
 
+if TYPE_CHECKING:
+    from vqtool.tensorboard_log import TensorBoardLog
+
 
 @dataclass
 class LoopSettings:
@@ -59,6 +62,7 @@ class LoopSettings:
     log_every: int = 50
     eval_every: int = 500
     checkpoint_every: int = 500
+    tensorboard: bool = False  # also write the log's records as TensorBoard events (vqtool.tensorboard_log)
 
     def check_loop(self, section: str, need_end: bool = True) -> None:
         """Refuse a run without an end, or with a step count or period that cannot work, in one line."""
@@ -72,6 +76,10 @@ class LoopSettings:
         for key in ("log_every", "eval_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise VqtoolError(f"{section}.{key} must be at least 1 (got {getattr(self, key)})")
+        if self.tensorboard:
+            from vqtool.tensorboard_log import require_tensorboard
+
+            require_tensorboard()
 
 
 class TrainTask(Protocol):
@@ -419,6 +427,7 @@ def run_loop(
     log = JsonlLog(log_path, enabled=proc.is_main)
     outputs = [Path(p) for p in task.output_paths()] if hasattr(task, "output_paths") else []
     lock = _take_run_lock(task, checkpoint_path, proc, [checkpoint_path, log_path, *outputs])
+    board: TensorBoardLog | None = None  # the log's TensorBoard twin: rank 0, with settings.tensorboard
     try:
         if lock is not None:
             _start_under_lock(lock, [checkpoint_path, log_path, *outputs])
@@ -442,8 +451,14 @@ def run_loop(
                     f"{checkpoint_path} exists; pass --resume to continue it or --overwrite to start again"
                 )
             log.start_fresh()
-        return _train(task, settings, checkpoint_path, log, outputs, resume, proc)
+        if settings.tensorboard and proc.is_main:
+            from vqtool.tensorboard_log import TensorBoardLog, event_folder
+
+            board = TensorBoardLog(event_folder(log_path), task.step if resume else None)
+        return _train(task, settings, checkpoint_path, log, outputs, resume, proc, board)
     finally:
+        if board is not None:
+            board.close()
         if lock is not None:
             lock.release()
 
@@ -490,8 +505,14 @@ def _non_finite_message(name: str, value: float, step: int, checkpoint_path: Pat
 
 
 def _train(task: TrainTask, settings: LoopSettings, checkpoint_path: Path, log: JsonlLog, outputs: list[Path],
-           resume: bool, proc: ProcessInfo) -> LoopResult:
+           resume: bool, proc: ProcessInfo, board: TensorBoardLog | None = None) -> LoopResult:
     saved_at = task.step if resume else None  # step of this run's latest checkpoint
+
+    def record(split: str, metrics: dict[str, float]) -> None:
+        entry = {"step": task.step, "split": split, "time": time.time(), **metrics}
+        log.write(entry)
+        if board is not None:  # an evaluation's PNG grid, when the task keeps one (train-vq's last_grid)
+            board.write(entry, getattr(task, "last_grid", None) if split == "val" else None)
 
     def checkpoint() -> None:
         nonlocal saved_at
@@ -544,10 +565,10 @@ def _train(task: TrainTask, settings: LoopSettings, checkpoint_path: Path, log: 
                 last_train = metrics
                 bar.update(job, completed=task.step, status=_fmt(metrics))
                 if task.step % settings.log_every == 0:
-                    log.write({"step": task.step, "split": "train", "time": time.time(), **metrics})
+                    record("train", metrics)
                 if task.step % settings.eval_every == 0:
                     last_eval = task.evaluate()
-                    log.write({"step": task.step, "split": "val", "time": time.time(), **last_eval})
+                    record("val", last_eval)
                     if proc.is_main and last_eval:
                         console.print(f"step {task.step} val: {_fmt(last_eval)}")
                 if task.step % settings.checkpoint_every == 0:
@@ -556,7 +577,7 @@ def _train(task: TrainTask, settings: LoopSettings, checkpoint_path: Path, log: 
         evaluated = False
         if reason != "interrupted" and (not last_eval or task.step % settings.eval_every != 0):
             last_eval = task.evaluate()
-            log.write({"step": task.step, "split": "val", "time": time.time(), **last_eval})
+            record("val", last_eval)
             evaluated = True
         # The checkpoint of the last step is written once: when the loop wrote it already (max_steps a multiple
         # of checkpoint_every, or a stop before any step) and no evaluation changed the state since, it stands.

@@ -92,7 +92,7 @@ def _register_commands() -> None:
     # Importing a module registers its commands on `app`; each module is one stage family.
     import importlib
 
-    for module in ("data", "vq", "prior", "sample", "evaluate", "pipeline", "interop", "export"):
+    for module in ("data", "vq", "prior", "sample", "evaluate", "pipeline", "interop", "export", "report"):
         importlib.import_module(f"vqtool.cli.{module}")
 
 

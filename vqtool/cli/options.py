@@ -20,6 +20,10 @@ Config = typer.Option(None, "--config", help="Recipe YAML; its section for this 
 Set = typer.Option(None, "--set", help="Override a recipe setting: --set key=value (repeatable).")
 Overwrite = typer.Option(False, "--overwrite", help="Replace existing outputs instead of refusing.")
 
+TensorBoard = typer.Option(
+    None, "--tensorboard/--no-tensorboard", help="Also write the log's scalars (and the evaluation grids) as "
+    "TensorBoard events in RUN/tensorboard/STAGE; needs `pip install vqtool[tensorboard]`.")
+
 NprocPerNode = typer.Option(
     1, "--nproc-per-node", help="Train with N processes on this machine: one per GPU, or CPU processes (gloo) "
     "without CUDA. Starts them itself (torchrun's launcher); for several nodes use torchrun.")

@@ -48,6 +48,7 @@ def train_prior_command(
     dropout: float = typer.Option(None, "--dropout", help="Dropout rate."),
     eval_every: int = typer.Option(None, "--eval-every", help="Validation bound every N steps (best one is kept)."),
     patience: int = typer.Option(None, "--patience", help="Early stop after N evaluations without improvement."),
+    tensorboard: bool = options.TensorBoard,
     threads: int = options.Threads,
     compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the transformer blocks."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of this prior."),
@@ -72,7 +73,7 @@ def train_prior_command(
                grad_accum=grad_accum, lr=lr, loss=loss,
                mask_schedule=mask_schedule, timesteps=timesteps, n_layer=layers, n_embd=width, n_head=heads,
                dropout=dropout, eval_every=eval_every, patience=patience, threads=threads, compile=compile_,
-               device=device, precision=precision, seed=seed)
+               device=device, precision=precision, seed=seed, tensorboard=tensorboard)
     # The settings as chosen, not yet filled with defaults: with --init they are checked against the artifact.
     chosen = choose(train_prior_parts(), load_recipe(config), set_, {"train_prior": cli})["train_prior"]
     if nproc_per_node != 1:

@@ -54,7 +54,9 @@ def plan_train_vq(ctx: Context) -> Step:
     cfg = merge(TrainVQConfig, ctx.section("train_vq"), where="train_vq")
     cfg.validate()
     cfg.check_loop("train_vq")
-    recorded = {"vq": to_dict(vq_cfg), "train_vq": without(to_dict(cfg), "num_workers"), "seed": ctx.seed}
+    # What changes the output; the workers and the TensorBoard twin of the log do not.
+    recorded = {"vq": to_dict(vq_cfg), "train_vq": without(to_dict(cfg), "num_workers", "tensorboard"),
+                "seed": ctx.seed}
 
     def run(resume: bool) -> Outcome:
         r = train_vq(ctx.paths.root, vq_cfg, cfg, seed=ctx.seed, device=ctx.device, resume=resume,
@@ -92,7 +94,7 @@ def plan_train_prior(ctx: Context) -> Step:
     cfg.precision = ctx.precision
     cfg.threads = ctx.threads or None
     check_config(cfg)
-    recorded = without(to_dict(cfg), "device", "precision", "threads")
+    recorded = without(to_dict(cfg), "device", "precision", "threads", "tensorboard")
     checkpoint = ctx.paths.checkpoint(STAGE)
 
     def run(resume: bool) -> Outcome:
