@@ -30,6 +30,7 @@ from vqtool.prior.sample import (
     Progress,
     Sampler,
     SampleSettings,
+    class_request,
     default_labels,
     in_batches,
     make_sampler,
@@ -325,7 +326,7 @@ def inpaint_image(
         pngs = [("original.png", image), ("reconstruction.png", reconstruction), ("mask.png", shown),
                 *zip(names, results, strict=True)]
         record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
-                  "class": class_id, "device": dev.type, "precision": chosen,
+                  "class": class_request(class_id), "device": dev.type, "precision": chosen,
                   "box": list(box) if box is not None else None,
                   "mask": str(mask_path) if mask_path is not None else None, "keep_pixels": keep_pixels,
                   "masked_tokens": int(masked.sum()), "steps_run": steps_run}
