@@ -74,6 +74,8 @@ def eval_command(
     order: str = options.Order,
     top_k: int = options.TopK,
     top_p: float = options.TopP,
+    guidance: float = options.Guidance,
+    guidance_schedule: str = options.GuidanceSchedule,
     sample_batch_size: int = _SampleBatch,
     seed: int = options.Seed,
     device: str = options.Device,
@@ -98,7 +100,8 @@ def eval_command(
                name=name, vq=_str(vq), prior=_str(prior), latents=_str(latents), shards=_str(shards))
     chosen = stage_settings(_parts(EvalSettings, "eval"), load_recipe(config), set_,
                             {"eval": cli, "sample": _sampling(steps, temperature, schedule, curve, order, top_k, top_p,
-                                                              sample_batch_size, seed)})
+                                                              sample_batch_size, seed, guidance,
+                                                              guidance_schedule)})
     settings, sample = chosen["eval"], chosen["sample"]
     result = evaluate(run, settings, sample, device=device, seed=seed, overwrite=overwrite, precision=precision)
     console.print(Markdown(result.markdown))
@@ -144,6 +147,8 @@ def neighbours_command(
     order: str = options.Order,
     top_k: int = options.TopK,
     top_p: float = options.TopP,
+    guidance: float = options.Guidance,
+    guidance_schedule: str = options.GuidanceSchedule,
     sample_batch_size: int = _SampleBatch,
     seed: int = options.Seed,
     device: str = options.Device,
@@ -160,7 +165,8 @@ def neighbours_command(
                fake=fake, train=train, val=val, name=name, vq=_str(vq), prior=_str(prior), shards=_str(shards))
     chosen = stage_settings(_parts(NeighbourSettings, "neighbours"), load_recipe(config), set_,
                             {"neighbours": cli, "sample": _sampling(steps, temperature, schedule, curve, order, top_k,
-                                                                    top_p, sample_batch_size, seed)})
+                                                                    top_p, sample_batch_size, seed, guidance,
+                                                                    guidance_schedule)})
     settings, sample = chosen["neighbours"], chosen["sample"]
     r = neighbour_check(run, settings, sample, device=device, overwrite=overwrite, precision=precision)
     colour = {"memorisation": "red", "possible copies": "yellow"}.get(r.report["verdict"], "green")
@@ -177,9 +183,11 @@ def neighbours_command(
     console.print(summary_table("neighbours", [(key, escape(str(v))) for key, v in rows]))
 
 
-def _sampling(steps, temperature, schedule, curve, order, top_k, top_p, batch_size, seed) -> dict:
+def _sampling(steps, temperature, schedule, curve, order, top_k, top_p, batch_size, seed, guidance,
+              guidance_schedule) -> dict:
     return dict(steps=steps, temperature=temperature, schedule=schedule, curve=curve, order=order, top_k=top_k,
-                top_p=top_p, batch_size=batch_size, seed=seed)
+                top_p=top_p, batch_size=batch_size, seed=seed, guidance=guidance,
+                guidance_schedule=guidance_schedule)
 
 
 def _draws(value: str | None) -> int | str | None:

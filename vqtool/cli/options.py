@@ -29,6 +29,10 @@ TopK = typer.Option(None, "--top-k", help="Draw only among the k most likely cod
 TopP = typer.Option(None, "--top-p", help="Draw only from the smallest set of codes with this probability mass.")
 Order = typer.Option(None, "--order", help="Which masked tokens come first: random (default) | halton (spread "
                                           "over the grid) | raster (random schedule only).")
+Guidance = typer.Option(None, "--guidance", help="Classifier-free guidance scale S (default 0: plain conditional "
+                                                 "sampling; class-conditional priors; ~2x compute per step).")
+GuidanceSchedule = typer.Option(None, "--guidance-schedule", help="constant (default) | linear (0 at the first "
+                                                                  "step up to S at the last).")
 Quantize = typer.Option("none", "--quantize", help="none | int8 (dynamic int8 Linear layers; CPU only, faster).")
 Prior = typer.Option(None, "--prior", help="Prior artifact (default: RUN/prior.safetensors).")
 VQ = typer.Option(None, "--vq", help="VQ artifact the prior's latents came from (default: RUN/vq.safetensors).")

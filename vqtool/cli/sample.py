@@ -14,8 +14,8 @@ from vqtool.runs import RunPaths
 
 _Stride = typer.Option(None, "--stride", help="--shape larger than training: spacing of the windows (default 1).")
 _BatchSize = typer.Option(None, "--batch-size", help="Images drawn at once (default 16).")
-_Class = typer.Option(None, "--class", help="Class index or name for a class-conditional prior "
-                                          "(default: classes cycled).")
+_Class = typer.Option(None, "--class", help="Class index or name for a class-conditional prior, or none "
+                                          "(unconditional samples; default: classes cycled).")
 
 
 def _settings(config: Path | None, set_: list[str] | None, sections: tuple[str, ...], cli: dict):
@@ -39,6 +39,8 @@ def sample_command(
                                                                 "(absorbing: window mixture; AR: sliding window)."),
     stride: int = _Stride,
     order: str = options.Order,
+    guidance: float = options.Guidance,
+    guidance_schedule: str = options.GuidanceSchedule,
     batch_size: int = _BatchSize,
     class_: str = _Class,
     no_cache: bool = typer.Option(False, "--no-cache", help="Autoregressive prior: recompute instead of KV cache."),
@@ -59,7 +61,7 @@ def sample_command(
     paths = RunPaths.of(run)
     cli = dict(steps=steps, temperature=temperature, schedule=schedule, curve=curve, top_k=top_k, top_p=top_p,
                shape=shape, stride=stride, order=order, batch_size=batch_size, seed=seed,
-               use_cache=False if no_cache else None)
+               use_cache=False if no_cache else None, guidance=guidance, guidance_schedule=guidance_schedule)
     settings = _settings(config, set_, ("sample",), cli)
     with CallbackBar("sampling") as bar:
         r = sample_images(prior or paths.prior, vq or paths.vq, out or paths.samples, n, settings, class_id=class_,
@@ -78,10 +80,13 @@ def sample_command(
 
 
 def _describe(settings, prior_kind: str, n_tokens: int) -> str:
+    guided = (f", guidance {settings.guidance:g} ({settings.guidance_schedule})" if settings.guidance > 0
+              else "")
     if prior_kind == "autoregressive":
         how = "KV cache" if settings.use_cache else "full-prefix recompute"
-        return f"autoregressive, {n_tokens} tokens one at a time ({how}), temperature {settings.temperature}"
-    return f"{settings.schedule} schedule, {settings.steps} steps, temperature {settings.temperature}"
+        return (f"autoregressive, {n_tokens} tokens one at a time ({how}), temperature {settings.temperature}"
+                + guided)
+    return f"{settings.schedule} schedule, {settings.steps} steps, temperature {settings.temperature}" + guided
 
 
 @stage_command("inpaint")
@@ -99,6 +104,8 @@ def inpaint_command(
     top_k: int = options.TopK,
     top_p: float = options.TopP,
     order: str = options.Order,
+    guidance: float = options.Guidance,
+    guidance_schedule: str = options.GuidanceSchedule,
     batch_size: int = _BatchSize,
     class_: str = _Class,
     quantize: str = options.Quantize,
@@ -117,7 +124,7 @@ def inpaint_command(
 
     paths = RunPaths.of(run)
     cli = dict(steps=steps, temperature=temperature, schedule=schedule, curve=curve, top_k=top_k, top_p=top_p,
-               order=order, batch_size=batch_size, seed=seed)
+               order=order, batch_size=batch_size, seed=seed, guidance=guidance, guidance_schedule=guidance_schedule)
     settings = _settings(config, set_, ("sample", "inpaint"), cli)
     parsed_box = parse_box(box) if box is not None else None
     with CallbackBar("inpainting") as bar:
