@@ -30,6 +30,7 @@ from vqtool.prior.sample import (
     Progress,
     Sampler,
     SampleSettings,
+    check_guidance,
     class_request,
     default_labels,
     in_batches,
@@ -139,6 +140,7 @@ def inpaint_tokens(prior: LoadedPrior, tokens: torch.Tensor, masked: torch.Tenso
     if sampler.shape != shape:
         raise ValueError(f"the sampler fills a {sampler.shape} grid, the tokens are {shape}")
     settings = sampler.settings
+    check_guidance(sampler, prior, labels)
     model = prior.model
     device = next(model.parameters()).device
     mask_id = model.cfg.mask_id

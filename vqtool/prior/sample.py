@@ -165,11 +165,18 @@ def make_guidance(settings: SampleSettings, prior: LoadedPrior) -> Guidance | No
     if prior.cfg.n_classes == 0:
         raise VqtoolError(f"--guidance {settings.guidance}: this prior is unconditional (trained without labels); "
                           "guidance needs a class-conditional prior")
+    return guidance
+
+
+def check_guidance(sampler: Sampler, prior: LoadedPrior, labels: torch.Tensor | None) -> None:
+    """Before guided sampling: refuse rows without a class; warn when the unconditional branch is untrained."""
+    if sampler.guidance is None:
+        return
+    check_guided_labels(labels)
     train = (prior.artifact.extra.get("train") if prior.artifact is not None else None) or {}
     if not train.get("cond_drop"):
         console.print("[yellow]warning:[/yellow] this prior was trained without cond_drop: its unconditional "
                       "branch is untrained, so --guidance may not help", soft_wrap=True, highlight=False)
-    return guidance
 
 
 def as_sampler(settings: SampleSettings | Sampler, prior: LoadedPrior) -> Sampler:
@@ -253,8 +260,7 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
     sampler = as_sampler(settings, prior)
     settings = sampler.settings
     labels = _check_labels(prior, n, labels)
-    if sampler.guidance is not None:
-        check_guided_labels(labels)
+    check_guidance(sampler, prior, labels)
     model = prior.model
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
