@@ -327,7 +327,29 @@ def test_sample_command_with_guidance_records_it(tmp_path):
     assert s.labels.tolist() == [-1, -1, -1] and s.settings["class"] == "none" and s.settings["guidance"] == 0
 
 
-def test_sample_command_guides_an_autoregressive_prior_trained_with_cond_drop(tmp_path):
+def test_sample_command_guides_a_prior_trained_with_cond_drop(tmp_path):
+    from vqtool.latents import Latents, Split, save_latents
+
+    run = tmp_path / "run"
+    vq_sha = write_tiny_run(run, n_classes=2)  # its VQ turns 16 px images into 8×8 grids of V codes
+    g = torch.Generator().manual_seed(0)
+    splits = {name: Split(torch.randint(0, V, (n, 8, 8), generator=g), torch.arange(n) % 2)
+              for name, n in (("train", 16), ("val", 8))}
+    save_latents(run / "latents.safetensors", Latents(splits=splits, codebook_size=V, latent_shape=(8, 8),
+                                                      image_size=16, classes=["a", "b"]), parents={"vq": vq_sha})
+    train_prior(run / "latents.safetensors", small(max_steps=2, eval_every=2, checkpoint_every=2),
+                out=run / "prior.safetensors", checkpoint=run / "ck.safetensors", log=run / "log.jsonl",
+                overwrite=True)
+    assert read_metadata(run / "prior.safetensors").extra["train"]["cond_drop"] == 0.1  # the default
+    r = CliRunner().invoke(app, ["sample", "--run", str(run), "--n", "2", "--steps", "3", "--device", "cpu",
+                                 "--guidance", "1.5", "--guidance-schedule", "linear", "--class", "b"])
+    assert r.exit_code == 0, r.output
+    assert "cond_drop" not in r.output and "guidance 1.5 (linear)" in r.output
+    s = load_samples(run / "samples" / "samples.safetensors")
+    assert (s.settings["guidance"], s.settings["guidance_schedule"], s.settings["class"]) == (1.5, "linear", 1)
+
+
+def test_sample_command_guides_an_autoregressive_prior_recorded_with_cond_drop(tmp_path):
     from vqtool.prior.store import save_prior
 
     run = tmp_path / "run"
