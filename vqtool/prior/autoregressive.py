@@ -9,7 +9,8 @@ position's forward pass; without it the whole prefix is recomputed for every tok
 cache is checked against: both give the same tokens for the same generator). A grid larger than the
 training grid is sampled with Taming's sliding window: every token is predicted inside a window of
 the training size placed around it (clamped at the edges), from the window's own tokens at positions
-relative to the window.
+relative to the window. With classifier-free guidance (vqtool.prior.guidance) the model sees every grid
+twice, with its class and with NO_CLASS, as one doubled batch that shares the drawn tokens.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 prior runs the unmasking schedule (vqtool.prior.schedules) over a predictor, the autoregressive prior
 hands each batch to vqtool.prior.autoregressive.sample_autoregressive. `sample_images` is the stage:
 load the prior and the VQ, check they belong together, sample, decode, write PNGs and
-samples.safetensors.
+samples.safetensors. With `guidance` > 0 the predictor (or the autoregressive sampler) runs a doubled
+batch, the labels and NO_CLASS, and mixes the two predictions (vqtool.prior.guidance).
 
 Speed. A sampling step of the absorbing prior needs logits only at the positions it reveals, so the
 predictor runs the transformer's trunk and applies the output head at those positions only. It also
