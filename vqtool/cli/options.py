@@ -69,6 +69,10 @@ TopK = _draw("--top-k", "Draw only among the k most likely codes.")
 TopP = _draw("--top-p", "Draw only from the smallest set of codes with this probability mass.")
 Order = _draw("--order", "Which masked tokens come first: random (default) | halton (spread over the grid) | raster "
                          "(random schedule only).")
+Guidance = _draw("--guidance", "Classifier-free guidance scale S (default 0: plain conditional sampling; "
+                               "class-conditional priors; ~2x compute per step).")
+GuidanceSchedule = _draw("--guidance-schedule", "constant (default) | linear (0 at the first step up to S at the "
+                                                "last).")
 Quantize = typer.Option("none", "--quantize", help="none | int8 (dynamic int8 Linear layers; CPU only, faster).")
 Prior = typer.Option(None, "--prior", help="Prior artifact (default: RUN/prior.safetensors).")
 VQ = typer.Option(None, "--vq", help="VQ artifact the prior's latents came from (default: RUN/vq.safetensors).")
@@ -92,7 +96,8 @@ def apply_threads(threads: int | None) -> None:
 # The draw settings of vqtool.prior.sample.SampleSettings that every sampling command takes: `vars(sampling)`.
 sampling = OptionGroup("sampling", {
     "steps": (int, Steps), "temperature": (float, Temperature), "schedule": (str, Schedule), "curve": (str, Curve),
-    "order": (str, Order), "top_k": (int, TopK), "top_p": (float, TopP)})
+    "order": (str, Order), "top_k": (int, TopK), "top_p": (float, TopP), "guidance": (float, Guidance),
+    "guidance_schedule": (str, GuidanceSchedule)})
 
 # The tail of every sampling command: how it runs and where its settings come from.
 common = OptionGroup("common", {

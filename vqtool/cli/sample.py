@@ -14,8 +14,8 @@ from vqtool.runs import RunPaths
 
 _Stride = typer.Option(None, "--stride", help="--shape larger than training: spacing of the windows (default 1).")
 _BatchSize = typer.Option(None, "--batch-size", help="Images drawn at once (default 16).")
-_Class = typer.Option(None, "--class", help="Class index or name for a class-conditional prior "
-                                          "(default: classes cycled).")
+_Class = typer.Option(None, "--class", help="Class index or name for a class-conditional prior, or none "
+                                          "(unconditional samples; default: classes cycled).")
 
 
 def _settings(common, sections: tuple[str, ...], cli: dict):
@@ -69,10 +69,13 @@ def sample_command(
 
 
 def _describe(settings, prior_kind: str, n_tokens: int) -> str:
+    guided = (f", guidance {settings.guidance:g} ({settings.guidance_schedule})" if settings.guidance > 0
+              else "")
     if prior_kind == "autoregressive":
         how = "KV cache" if settings.use_cache else "full-prefix recompute"
-        return f"autoregressive, {n_tokens} tokens one at a time ({how}), temperature {settings.temperature}"
-    return f"{settings.schedule} schedule, {settings.steps} steps, temperature {settings.temperature}"
+        return (f"autoregressive, {n_tokens} tokens one at a time ({how}), temperature {settings.temperature}"
+                + guided)
+    return f"{settings.schedule} schedule, {settings.steps} steps, temperature {settings.temperature}" + guided
 
 
 @stage_command("inpaint")

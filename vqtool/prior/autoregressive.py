@@ -9,7 +9,8 @@ position's forward pass; without it the whole prefix is recomputed for every tok
 cache is checked against: both give the same tokens for the same generator). A grid larger than the
 training grid is sampled with Taming's sliding window: every token is predicted inside a window of
 the training size placed around it (clamped at the edges), from the window's own tokens at positions
-relative to the window.
+relative to the window. With classifier-free guidance (vqtool.prior.guidance) the model sees every grid
+twice, with its class and with NO_CLASS, as one doubled batch that shares the drawn tokens.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from vqtool.errors import VqtoolError
+from vqtool.prior.guidance import Guidance, both_branches, check_guided_labels, guide
 from vqtool.prior.logits import Draw
-from vqtool.prior.transformer import KVCache, Transformer
+from vqtool.prior.transformer import NO_CLASS, KVCache, Transformer
 
 LN2 = math.log(2.0)
 
@@ -96,8 +98,8 @@ def _check_request(model: Transformer, n: int, shape: tuple[int, int], labels: t
             raise VqtoolError("this prior is unconditional; do not pass class labels")
         if labels.shape != (n,):
             raise VqtoolError(f"expected {n} class labels, got a tensor of shape {tuple(labels.shape)}")
-        if int(labels.min()) < 0 or int(labels.max()) >= cfg.n_classes:
-            raise VqtoolError(f"class labels must lie in 0..{cfg.n_classes - 1}")
+        if int(labels.min()) < NO_CLASS or int(labels.max()) >= cfg.n_classes:
+            raise VqtoolError(f"class labels must lie in 0..{cfg.n_classes - 1} (or {NO_CLASS}: no class)")
 
 
 def sample_autoregressive(
@@ -109,6 +111,7 @@ def sample_autoregressive(
     generator: torch.Generator,
     use_cache: bool = True,
     on_token: Callable[[], None] | None = None,
+    guidance: Guidance | None = None,
 ) -> torch.Tensor:
     """Draw `n` token grids (n, H, W) int64 on the model's device, one token at a time in raster order.
 
@@ -117,16 +120,19 @@ def sample_autoregressive(
     must be at least as wide as the training grid (it may be shorter: fewer rows is an exact prefix).
     `generator` must live on the model's device. `on_token` is called once per grid position (for all
     `n` grids at once), for a progress bar. With `use_cache=False` the whole prefix is recomputed for
-    every token; it draws the same tokens as the cached path.
+    every token; it draws the same tokens as the cached path. With `guidance` each position's logits
+    are guided (vqtool.prior.guidance): both branches run as one doubled batch, with one cache for it.
     """
     h, w = model.cfg.grid
     H, W = tuple(shape) if shape is not None else (h, w)
     _check_request(model, n, (H, W), labels)
+    if guidance is not None:
+        check_guided_labels(labels)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            return _sample_windows(model, n, (H, W), draw, labels, generator, use_cache, on_token)
+            return _sample_windows(model, n, (H, W), draw, labels, generator, use_cache, on_token, guidance)
     finally:
         model.train(was_training)
 
@@ -140,12 +146,15 @@ def _sample_windows(
     generator: torch.Generator,
     use_cache: bool,
     on_token: Callable[[], None] | None,
+    guidance: Guidance | None = None,
 ) -> torch.Tensor:
     """Raster-order sampling where each token is predicted inside its window.
 
     On the training grid there is one window, the whole grid, and this is plain autoregressive
     sampling. The KV cache serves as long as consecutive tokens share a window and follow each other
     in the window's raster order; when the window moves, its prefix is fed afresh as one chunk.
+    With guidance the model sees `branches` = 2 copies of every grid (conditional, then unconditional)
+    that share the drawn tokens.
     """
     H, W = shape
     h, w = model.cfg.grid
@@ -153,9 +162,13 @@ def _sample_windows(
     device = next(model.parameters()).device
     if labels is not None:
         labels = labels.to(device)
+    branches = 1
+    if guidance is not None:
+        branches, labels = 2, both_branches(labels)
+    rows = branches * n
     tokens = torch.zeros(n, H, W, dtype=torch.long, device=device)
     positions = model.position_table()  # (h * w, d), the window's raster order
-    prefix = model.prefix_embedding(labels, n, device)  # (n, 1, d): start or class token
+    prefix = model.prefix_embedding(labels, rows, device)  # (rows, 1, d): start or class token
     cache: KVCache | None = None
     cache_at: tuple[int, int, int] | None = None  # (top, left, next window index) the cache can continue
     previous: torch.Tensor | None = None
@@ -169,18 +182,23 @@ def _sample_windows(
                 x = model.tok_emb(previous)[:, None, :] + positions[k - 1]
                 logits = model.decode_step(x, cache)
             else:
-                context = tokens[:, top:top + wh, left:left + w].reshape(n, -1)[:, :k]
+                context = tokens[:, top:top + wh, left:left + w].reshape(n, -1)[:, :k].repeat(branches, 1)
                 if use_cache:
                     # Entries past `length` are never read, so a moved window reuses the buffers.
                     if cache is None:
-                        cache = model.new_cache(n, device)
+                        cache = model.new_cache(rows, device)
                     cache.length = 0
                     x = torch.cat([prefix, model.tok_emb(context) + positions[:k]], dim=1)
                     logits = model.decode_step(x, cache)
                 else:
                     logits = model.head(model.trunk(context, labels)[:, -1])
-            previous = draw.ids(logits.float(), generator)
-            tokens[:, i, j] = previous
+            logits = logits.float()
+            if guidance is not None:
+                cond, uncond = logits.chunk(2)
+                logits = guide(cond, uncond, guidance.at(i * W + j, H * W))
+            drawn = draw.ids(logits, generator)
+            tokens[:, i, j] = drawn
+            previous = drawn.repeat(branches)  # the next feed of every branch
             cache_at = (top, left, k + 1)
             if on_token is not None:
                 on_token()

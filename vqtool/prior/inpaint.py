@@ -30,6 +30,8 @@ from vqtool.prior.sample import (
     Progress,
     Sampler,
     SampleSettings,
+    check_guidance,
+    class_request,
     default_labels,
     in_batches,
     make_sampler,
@@ -138,6 +140,7 @@ def inpaint_tokens(prior: LoadedPrior, tokens: torch.Tensor, masked: torch.Tenso
     if sampler.shape != shape:
         raise ValueError(f"the sampler fills a {sampler.shape} grid, the tokens are {shape}")
     settings = sampler.settings
+    check_guidance(sampler, prior, labels)
     model = prior.model
     device = next(model.parameters()).device
     mask_id = model.cfg.mask_id
@@ -325,7 +328,7 @@ def inpaint_image(
         pngs = [("original.png", image), ("reconstruction.png", reconstruction), ("mask.png", shown),
                 *zip(names, results, strict=True)]
         record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
-                  "class": class_id, "device": dev.type, "precision": chosen,
+                  "class": class_request(class_id), "device": dev.type, "precision": chosen,
                   "box": list(box) if box is not None else None,
                   "mask": str(mask_path) if mask_path is not None else None, "keep_pixels": keep_pixels,
                   "masked_tokens": int(masked.sum()), "steps_run": steps_run}

@@ -5,7 +5,8 @@
 prior runs the unmasking schedule (vqtool.prior.schedules) over a predictor, the autoregressive prior
 hands each batch to vqtool.prior.autoregressive.sample_autoregressive. `sample_images` is the stage:
 load the prior and the VQ, check they belong together, sample, decode, write PNGs and
-samples.safetensors.
+samples.safetensors. With `guidance` > 0 the predictor (or the autoregressive sampler) runs a doubled
+batch, the labels and NO_CLASS, and mixes the two predictions (vqtool.prior.guidance).
 
 Speed. A sampling step of the absorbing prior needs logits only at the positions it reveals, so the
 predictor runs the transformer's trunk and applies the output head at those positions only. It also
@@ -27,12 +28,14 @@ from pathlib import Path
 
 import torch
 
+from vqtool.console import console
 from vqtool.errors import VqtoolError
 from vqtool.outputs import check_writable, matcher, naming, refuse_enclosing, removed_on_failure, staged_folder
+from vqtool.prior.guidance import Guidance, GuidedPredictor, both_branches, check_guided_labels
 from vqtool.prior.logits import Draw
 from vqtool.prior.schedules import Predict, Schedule, make_schedule, n_steps, reveal
 from vqtool.prior.store import LoadedPrior
-from vqtool.prior.transformer import Transformer
+from vqtool.prior.transformer import NO_CLASS, Transformer
 from vqtool.prior.windows import WindowPredictor
 
 Progress = Callable[[int, int], None]
@@ -58,6 +61,8 @@ class SampleSettings:
     seed: int = 0
     use_cache: bool = True  # autoregressive prior: KV cache
     curve: str = "cosine"  # confidence schedule: cosine | arccos
+    guidance: float = 0.0  # classifier-free guidance scale S (vqtool.prior.guidance); 0 = plain conditional
+    guidance_schedule: str = "constant"  # constant | linear (0 at the first step up to S at the last)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,12 +84,17 @@ class TransformerPredictor:
 
 
 def make_predictor(model: Transformer, labels: torch.Tensor | None, shape: tuple[int, int],
-                   stride: int = 1) -> Predict:
-    """The plain predictor on the training grid, a window mixture on a larger `shape`."""
-    plain = TransformerPredictor(model, labels)
-    if tuple(shape) == tuple(model.cfg.grid):
-        return plain
-    return WindowPredictor(plain, shape, model.cfg.grid, stride)
+                   stride: int = 1, guidance: Guidance | None = None) -> Predict:
+    """The plain predictor on the training grid, a window mixture on a larger `shape`; with `guidance`,
+    either one over the doubled batch (labels, then NO_CLASS) inside the guided predictor, so every
+    window pass serves both branches and the mixtures are guided."""
+    if guidance is not None:
+        check_guided_labels(labels)
+        labels = both_branches(labels)
+    base: Predict = TransformerPredictor(model, labels)
+    if tuple(shape) != tuple(model.cfg.grid):
+        base = WindowPredictor(base, shape, model.cfg.grid, stride)
+    return GuidedPredictor(base, guidance) if guidance is not None else base
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,8 +105,8 @@ def make_predictor(model: Transformer, labels: torch.Tensor | None, shape: tuple
 class Sampler:
     """SampleSettings checked against one prior, with the pieces built from them, once per call.
 
-    `schedule` is for the absorbing prior (the autoregressive one draws in raster order); `draw` serves
-    both; `shape` is the token grid (H, W) to fill.
+    `schedule` is for the absorbing prior (the autoregressive one draws in raster order); `draw` and
+    `guidance` (None: unguided) serve both; `shape` is the token grid (H, W) to fill.
     """
 
     settings: SampleSettings
@@ -104,9 +114,10 @@ class Sampler:
     shape: tuple[int, int]
     draw: Draw
     schedule: Schedule
+    guidance: Guidance | None = None
 
     def predictor(self, model: Transformer, labels: torch.Tensor | None) -> Predict:
-        return make_predictor(model, labels, self.shape, self.settings.stride)
+        return make_predictor(model, labels, self.shape, self.settings.stride, self.guidance)
 
     def calls(self, n_masked: int | None = None) -> int:
         """Progress units of one batch: predictor calls (absorbing; fewer when only `n_masked` of the
@@ -143,7 +154,30 @@ def make_sampler(settings: SampleSettings, prior: LoadedPrior, shape: tuple[int,
         raise VqtoolError(f"--shape {shape[0]} {shape[1]}: must be at least the training grid "
                           f"{grid[0]} {grid[1]} in both directions")
     schedule = make_schedule(s.schedule, s.order, s.curve, grid=shape)
-    return Sampler(settings=s, kind=prior.kind, shape=shape, draw=draw, schedule=schedule)  # type: ignore[arg-type]
+    return Sampler(settings=s, kind=prior.kind, shape=shape, draw=draw, schedule=schedule,  # type: ignore[arg-type]
+                   guidance=make_guidance(s, prior))
+
+
+def make_guidance(settings: SampleSettings, prior: LoadedPrior) -> Guidance | None:
+    """The checked guidance of `settings`, None when the scale is 0 (the plain, unguided path)."""
+    guidance = Guidance(settings.guidance, settings.guidance_schedule)
+    if guidance.scale == 0:
+        return None
+    if prior.cfg.n_classes == 0:
+        raise VqtoolError(f"--guidance {settings.guidance}: this prior is unconditional (trained without labels); "
+                          "guidance needs a class-conditional prior")
+    return guidance
+
+
+def check_guidance(sampler: Sampler, prior: LoadedPrior, labels: torch.Tensor | None) -> None:
+    """Before guided sampling: refuse rows without a class; warn when the unconditional branch is untrained."""
+    if sampler.guidance is None:
+        return
+    check_guided_labels(labels)
+    train = (prior.artifact.extra.get("train") if prior.artifact is not None else None) or {}
+    if not train.get("cond_drop"):
+        console.print("[yellow]warning:[/yellow] this prior was trained without cond_drop: its unconditional "
+                      "branch is untrained, so --guidance may not help", soft_wrap=True, highlight=False)
 
 
 def as_sampler(settings: SampleSettings | Sampler, prior: LoadedPrior) -> Sampler:
@@ -152,10 +186,13 @@ def as_sampler(settings: SampleSettings | Sampler, prior: LoadedPrior) -> Sample
 
 
 def resolve_class(prior: LoadedPrior, value: int | str | None) -> int | None:
-    """`--class` as an index or as one of the class names the prior's artifact records."""
+    """`--class` as an index, as one of the class names the prior's artifact records, or `none`
+    (NO_CLASS: the unconditional branch of a class-conditional prior)."""
     if value is None or isinstance(value, int):
         return value
     text = str(value).strip()
+    if text == "none":
+        return NO_CLASS
     if text.lstrip("-").isdigit():
         return int(text)
     names = [str(c) for c in prior.artifact.extra.get("classes", [])]
@@ -165,17 +202,24 @@ def resolve_class(prior: LoadedPrior, value: int | str | None) -> int | None:
     return names.index(text)
 
 
+def class_request(class_id: int | None) -> int | str | None:
+    """What the samples artifact records of `--class`: the index, `none`, or None (classes cycled)."""
+    return "none" if class_id == NO_CLASS else class_id
+
+
 def default_labels(prior: LoadedPrior, n: int, class_id: int | None = None) -> torch.Tensor | None:
-    """Labels for n samples: None for an unconditional prior, else `class_id` for all or classes cycled."""
+    """Labels for n samples: None for an unconditional prior, else `class_id` for all or classes cycled.
+
+    NO_CLASS asks a class-conditional prior for unconditional samples (an unconditional prior is one)."""
     n_classes = prior.cfg.n_classes
     if n_classes == 0:
-        if class_id is not None:
+        if class_id is not None and class_id != NO_CLASS:
             raise VqtoolError("--class: this prior is unconditional (trained without labels)")
         return None
     if class_id is None:
         return torch.arange(n) % n_classes
-    if not 0 <= class_id < n_classes:
-        raise VqtoolError(f"--class {class_id}: this prior knows classes 0..{n_classes - 1}")
+    if not NO_CLASS <= class_id < n_classes:
+        raise VqtoolError(f"--class {class_id}: this prior knows classes 0..{n_classes - 1} (or none)")
     return torch.full((n,), class_id, dtype=torch.long)
 
 
@@ -187,8 +231,8 @@ def _check_labels(prior: LoadedPrior, n: int, labels: torch.Tensor | None) -> to
     labels = labels.long().reshape(-1)
     if labels.numel() != n:
         raise VqtoolError(f"expected {n} class labels, got {labels.numel()}")
-    if int(labels.min()) < 0 or int(labels.max()) >= prior.cfg.n_classes:
-        raise VqtoolError(f"class labels must lie in 0..{prior.cfg.n_classes - 1}")
+    if int(labels.min()) < NO_CLASS or int(labels.max()) >= prior.cfg.n_classes:
+        raise VqtoolError(f"class labels must lie in 0..{prior.cfg.n_classes - 1} (or {NO_CLASS}: no class)")
     return labels
 
 
@@ -209,13 +253,15 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
     are class ids for a class-conditional prior (None: unconditional, or the prior's prefix start
     token). Randomness comes only from a generator seeded with `settings.seed`, so the same settings
     (batch size included) give the same tokens. Both priors run in the caller's precision: fp32, or
-    the autocast region a stage opens (vqtool.precision); logits are sampled in fp32.
+    the autocast region a stage opens (vqtool.precision); logits are sampled in fp32. With guidance
+    (`settings.guidance` > 0) every label must be a class, not NO_CLASS.
     """
     if n < 1:
         raise VqtoolError(f"--n must be at least 1 (got {n})")
     sampler = as_sampler(settings, prior)
     settings = sampler.settings
     labels = _check_labels(prior, n, labels)
+    check_guidance(sampler, prior, labels)
     model = prior.model
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
@@ -225,7 +271,7 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
             from vqtool.prior.autoregressive import sample_autoregressive
 
             return sample_autoregressive(model, b, sampler.shape, sampler.draw, batch_labels, generator,
-                                         use_cache=settings.use_cache, on_token=tick)
+                                         use_cache=settings.use_cache, on_token=tick, guidance=sampler.guidance)
         mask_id = model.cfg.mask_id
         tokens = torch.full((b, sampler.shape[0] * sampler.shape[1]), mask_id, dtype=torch.long, device=device)
         return reveal(sampler.predictor(model, batch_labels), tokens, mask_id, sampler.schedule, settings.steps,
@@ -407,7 +453,7 @@ def sample_images(
             with naming(out_dir / "grid.png"):
                 save_grid(torch.stack(shown), staging / "grid.png", nrow=max(1, math.ceil(math.sqrt(len(shown)))))
             record = {**dataclasses.asdict(settings), "n": n, "prior_kind": prior.kind, "quantize": quantize,
-                      "class": class_id, "device": dev.type, "precision": chosen}
+                      "class": class_request(class_id), "device": dev.type, "precision": chosen}
             record["shape"] = list(tokens.shape[1:])
             with naming(artifact):
                 save_samples(staging / artifact.name, tokens, labels, record,

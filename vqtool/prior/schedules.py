@@ -40,7 +40,10 @@ from vqtool.prior.logits import Draw
 from vqtool.prior.orders import ORDERS, Order, RandomOrder, make_order
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""predict(tokens (B, N) int64 with MASK ids, positions (B, k) int64) -> logits (B, k, V) float."""
+"""predict(tokens (B, N) int64 with MASK ids, positions (B, k) int64) -> logits (B, k, V) float.
+
+A predictor whose output depends on the step (the guided one, vqtool.prior.guidance) also has
+`at_step(index, total)`: `reveal` calls it before each step with the step's place in the whole schedule."""
 
 CURVES = ("cosine", "arccos")
 
@@ -169,13 +172,18 @@ def make_schedule(name: str, order: str = "random", curve: str = "cosine",
 def plan(schedule: Schedule, n_tokens: int, steps: int, n_masked: int) -> list[tuple[int, float]]:
     """(tokens to reveal, fraction done after it) for each step left, continuing a full-grid schedule
     from the step whose masked count matches `n_masked` (all of a fresh sample; fewer when inpainting)."""
+    return [(count, (index + 1) / total) for index, count, total in _steps_left(schedule, n_tokens, steps, n_masked)]
+
+
+def _steps_left(schedule: Schedule, n_tokens: int, steps: int, n_masked: int) -> list[tuple[int, int, int]]:
+    """(index of the step in the whole schedule, tokens it reveals, steps of the whole schedule) of `plan`."""
     counts = schedule.masked_after(n_tokens, steps)
     total = len(counts) - 1
     # The latest step at which at least n_masked tokens were still masked: continue from there.
     start = max(i for i, c in enumerate(counts) if c >= n_masked)
     out, before = [], n_masked
     for i in range(start + 1, total + 1):
-        out.append((before - counts[i], i / total))
+        out.append((i - 1, before - counts[i], total))
         before = counts[i]
     return out
 
@@ -194,8 +202,11 @@ def reveal(predict: Predict, tokens: torch.Tensor, mask_id: int, schedule: Sched
     if per_row.numel() and bool((per_row != per_row[0]).any()):
         raise ValueError("every row must have the same number of masked tokens")
     n_masked = int(per_row[0]) if per_row.numel() else 0
-    for count, done in plan(schedule, n_tokens or tokens.shape[1], steps, n_masked):
-        schedule.step(predict, tokens, masked, count, done, draw, generator)
+    at_step = getattr(predict, "at_step", None)
+    for index, count, total in _steps_left(schedule, n_tokens or tokens.shape[1], steps, n_masked):
+        if at_step is not None:
+            at_step(index, total)
+        schedule.step(predict, tokens, masked, count, (index + 1) / total, draw, generator)
         if on_step is not None:
             on_step()
     return tokens

@@ -16,6 +16,11 @@ training on its own rows. So the batches and masks do not depend on how the work
 batch B train the same model as one process with batch N·B, or with batch B and grad_accum N, and a
 checkpoint resumes exactly on another number of processes that keeps the global batch.
 
+Classifier-free guidance (vqtool.prior.guidance) needs a prior that also predicts without a class:
+with `cond_drop` p > 0, each training label of a class-conditional prior becomes NO_CLASS (prefix row 0)
+with probability p, drawn per step from the seed and the step over the global batch (`drop_labels`).
+The validation bound stays conditional.
+
 Fine-tuning (`init`): a fresh run (step 0, new optimizer) whose transformer and EMA start from a
 prior-model artifact's `ema.*` weights (`model.*` when it has none). The artifact fixes the prior kind,
 the transformer and the objective (only `dropout` may change); the latents must be codes of the same
@@ -59,7 +64,7 @@ from vqtool.latents import Latents, load_latents
 from vqtool.precision import PRECISIONS, autocast, grad_scaler, resolve_precision, switch_note
 from vqtool.prior.objectives import make_objective
 from vqtool.prior.store import PRIOR_KINDS, save_prior
-from vqtool.prior.transformer import Transformer, TransformerConfig
+from vqtool.prior.transformer import NO_CLASS, Transformer, TransformerConfig
 from vqtool.training import EMA, LoopSettings, read_scalars, run_loop, seed_global_rng
 
 STAGE = "train-prior"
@@ -75,6 +80,7 @@ class TrainPriorConfig(LoopSettings):
     dropout: float = 0.0
     pos_emb: str = "2d"  # 2d | flat
     class_conditional: bool = True  # use the latents' labels when they have them
+    cond_drop: float = 0.1  # class-conditional: chance a training label becomes NO_CLASS (for guidance; 0: off)
     # objective (absorbing prior only)
     timesteps: int = 256  # T
     mask_schedule: str = "random"  # random | fixed
@@ -129,6 +135,8 @@ def check_config(cfg: TrainPriorConfig) -> None:
         raise VqtoolError(f"pos_emb must be 2d or flat (got {cfg.pos_emb!r})")
     if not 0 <= cfg.dropout < 1:
         raise VqtoolError(f"dropout must lie in [0, 1) (got {cfg.dropout})")
+    if not 0 <= cfg.cond_drop < 1:
+        raise VqtoolError(f"cond_drop must lie in [0, 1) (got {cfg.cond_drop})")
     if not cfg.lr > 0:
         raise VqtoolError(f"--lr must be positive (got {cfg.lr})")
     if cfg.weight_decay < 0 or cfg.warmup_steps < 0:
@@ -173,6 +181,17 @@ def derived_seed(seed: int, stream: str, rank: int = 0) -> int:
     """Independent seeds for the separate random streams of one run (and of each rank)."""
     digest = hashlib.sha256(f"{seed}/{stream}/{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def drop_labels(labels: torch.Tensor, p: float, seed: int, part: tuple[int, int]) -> torch.Tensor:
+    """`labels` with each one replaced by NO_CLASS with probability `p` (classifier-free guidance's
+    condition dropout). `labels` are rows first.. of a global batch of `total` rows (`part`); the draw
+    is made for the whole global batch from `seed` alone, so it is the same for every split of the
+    batch over processes and micro-batches, and a resumed run draws what the uninterrupted one did."""
+    first, total = part
+    generator = torch.Generator(device=labels.device).manual_seed(seed)
+    drop = torch.rand(total, generator=generator, device=labels.device)[first:first + labels.shape[0]] < p
+    return labels.masked_fill(drop, NO_CLASS)
 
 
 def learning_rate(cfg: TrainPriorConfig, step: int) -> float:
@@ -386,6 +405,10 @@ class PriorTrainTask:
             idx = self._next_indices()
             tokens = self.train_tokens[idx].long().reshape(idx.shape[0], -1)
             labels = self.train_labels[idx] if self.use_labels else None
+            if labels is not None and cfg.cond_drop > 0:
+                # Seeded by the step: no state to save, and every rank draws the step's whole mask alike.
+                labels = drop_labels(labels, cfg.cond_drop, derived_seed(cfg.seed, "cond_drop", self.step),
+                                     ((k * world + rank) * cfg.batch_size, step_rows))
             kwargs = {}
             if split_noise:
                 # Every micro-batch draws the step's masks afresh and keeps its own rows (see the module doc).
@@ -506,6 +529,8 @@ class PriorTrainTask:
                "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
         if self.init is not None:  # only then: checkpoints of other runs keep the key they always had
             key["init"] = self.init.sha256
+        if self.use_labels and self.cfg.cond_drop > 0:  # likewise: a checkpoint made before cond_drop existed
+            key["cond_drop"] = self.cfg.cond_drop
         return key
 
     def output_paths(self) -> list[Path]:

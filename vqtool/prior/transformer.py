@@ -20,6 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The label of "no class": prefix row 0, the unconditional start token that classifier-free guidance's
+# unconditional branch uses (and that training with cond_drop teaches a class-conditional prior).
+NO_CLASS = -1
+
 
 @dataclass
 class TransformerConfig:
@@ -189,6 +193,7 @@ class Transformer(nn.Module):
         return x
 
     def prefix_embedding(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """(batch, 1, d): class c is row c + 1, so NO_CLASS (-1) and no labels are row 0."""
         if labels is None or self.cfg.n_classes == 0:
             ids = torch.zeros(batch, dtype=torch.long, device=device)
         else:
