@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vqtool.errors import VqtoolError
-from vqtool.vq.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
+from vqtool.vq.losses import PatchDiscriminator, adaptive_weight, generator_gradient, hinge_d_loss, hinge_g_loss
 from vqtool.vq.model import VQConfig, VQModel
 from vqtool.vq.perceptual import build_lpips, build_perceptual, hub_checkpoint_path
 
@@ -129,3 +129,93 @@ def test_wrong_backbone_file_is_refused(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(VqtoolError, match="state dict"):
         build_perceptual("lpips-alex", tmp_path / "list.pth")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5, atol: float = 1e-7) -> bool:
+    """Equal up to float rounding: the difference is tiny next to the tensor as a whole (`atol` for
+    gradients that are zero but for rounding, e.g. of a conv bias right before a GroupNorm)."""
+    return float((a - b).norm()) <= tol * float(b.norm()) + atol
+
+
+def _tiny_pair(seed: int = 0):
+    torch.manual_seed(seed)
+    model = VQModel(VQConfig(resolution=16, ch=8, ch_mult=[1, 2], attn_resolutions=[8], z_channels=8,
+                             codebook_size=16, code_dim=4))
+    disc = PatchDiscriminator(ch=8, n_layers=2)
+    return model, disc
+
+
+@pytest.mark.parametrize("scale", [None, 1024.0])
+def test_generator_gradient_matches_the_plain_backward(scale):
+    """λ and every autoencoder gradient equal those of backward(rec + λ·gan + q) with λ from two
+    last-layer gradients (Taming's formula); the discriminator gets no gradients of its own."""
+    model, disc = _tiny_pair()
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    out = model(x)
+    rec, gan = (x - out.recon).abs().mean(), hinge_g_loss(disc(out.recon))
+    lam = adaptive_weight(rec, gan, model.last_layer, max_weight=1e4)
+    (rec + lam * gan + out.q_loss).backward()
+    plain = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    disc.zero_grad(set_to_none=True)
+
+    factor = None if scale is None else torch.tensor(scale)
+    out = model(x)
+    rec, gan = (x - out.recon).abs().mean(), hinge_g_loss(disc(out.recon))
+    lam2, grad = generator_gradient(rec, gan, out.recon, model.last_layer, max_weight=1e4, scale=factor)
+    torch.autograd.backward([out.recon, out.q_loss * (1.0 if scale is None else scale)], [grad, None])
+    assert torch.allclose(lam2, lam, rtol=1e-5)
+    assert not lam2.requires_grad
+    for k, p in model.named_parameters():
+        assert _close(p.grad / (scale or 1.0), plain[k]), k
+    assert all(p.grad is None for p in disc.parameters())
+    # the clamp applies as in adaptive_weight
+    out = model(x)
+    rec, gan = (x - out.recon).abs().mean(), hinge_g_loss(disc(out.recon))
+    assert generator_gradient(rec, gan, out.recon, model.last_layer, max_weight=1e-3)[0] == pytest.approx(1e-3)
+
+
+def test_discriminator_one_pass_over_two_groups_equals_two_calls():
+    torch.manual_seed(0)
+    one, two = PatchDiscriminator(ch=8, n_layers=2), PatchDiscriminator(ch=8, n_layers=2)
+    two.load_state_dict(one.state_dict())
+    real, fake = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16) + 0.5
+    lr, lf = one(torch.cat([real, fake]), parts=2).chunk(2)
+    hinge_d_loss(lr, lf).backward()
+    r, f = two(real), two(fake)
+    hinge_d_loss(r, f).backward()
+    assert torch.allclose(lr, r, atol=1e-5) and torch.allclose(lf, f, atol=1e-5)
+    # each group normalised with its own statistics, the running ones updated real first, then fake
+    for (k, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    for (k, a), b in zip(one.named_parameters(), two.parameters(), strict=True):
+        assert _close(a.grad, b.grad), k
+    assert not torch.allclose(one(torch.cat([real, fake])), torch.cat([lr, lf]), atol=1e-3)  # one group differs
+
+
+@pytest.mark.parametrize("size,stride,memory", [(4, 1, "contiguous_format"), (4, 1, "channels_last"),
+                                                (3, 1, "contiguous_format"), (8, 2, "contiguous_format"),
+                                                (16, 2, "channels_last")])
+def test_small_map_conv_equals_conv2d(size, stride, memory, monkeypatch):
+    from torch import nn
+
+    from vqtool.vq.losses import SmallMapConv2d
+
+    calls = []
+    unfold = torch.nn.functional.unfold
+    monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
+    torch.manual_seed(0)
+    fast, plain = SmallMapConv2d(16, 24, 4, stride=stride, padding=1), nn.Conv2d(16, 24, 4, stride=stride, padding=1)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 16, size, size).contiguous(memory_format=getattr(torch, memory))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fast(xa), plain(xb)
+    assert ya.shape == yb.shape and torch.allclose(ya, yb, atol=1e-5)
+    g = torch.randn_like(yb)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+    assert torch.allclose(fast.weight.grad, plain.weight.grad, atol=1e-4)
+    assert torch.allclose(fast.bias.grad, plain.bias.grad, atol=1e-4)
+    out = (size + 2 - 4) // stride + 1
+    assert bool(calls) == (out * out < 16)  # the matmul only for maps with fewer positions than taps

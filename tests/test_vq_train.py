@@ -147,3 +147,66 @@ def test_train_step_with_perceptual_loss_random_vgg_backbone(tiny_shards, tmp_pa
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert metrics["lpips"] > 0
     assert all(torch.equal(frozen[k], v) for k, v in task.perceptual.state_dict().items())  # never trained
+
+
+def plain_step(task: VQTrainer) -> dict[str, float]:
+    """The train-vq step in its plain form, for comparison: λ from two extra last-layer gradients and one
+    backward of the whole loss, the discriminator called on real and reconstructed images separately,
+    torch's default Adam (the form of Taming's code, and of vqtool's before issue 16)."""
+    from vqtool.vq.diffaug import diff_augment
+    from vqtool.vq.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
+
+    cfg, q = task.cfg, task.model.quantizer
+    x = task._next_batch()
+    out = task.model(x)
+    l1 = (x - out.recon).abs().mean()
+    g_loss = hinge_g_loss(task.disc(diff_augment(out.recon, cfg.diffaug, task.generator)))
+    weight = adaptive_weight(l1, g_loss, task.model.last_layer, cfg.disc_weight_max)
+    loss = l1 + cfg.codebook_weight * out.q_loss + weight * g_loss
+    task.opt_ae.zero_grad(set_to_none=True)
+    loss.backward()
+    task.opt_ae.step()
+    q.update_usage(q.code_counts(out.indices))
+    task.opt_d.zero_grad(set_to_none=True)
+    real = task.disc(diff_augment(x, cfg.diffaug, task.generator))
+    fake = task.disc(diff_augment(out.recon.detach(), cfg.diffaug, task.generator))
+    d_loss = hinge_d_loss(real, fake)
+    d_loss.backward()
+    task.opt_d.step()
+    values = {"loss": loss, "l1": l1, "q_loss": out.q_loss, "g_loss": g_loss, "disc_weight": weight, "d_loss": d_loss}
+    return {k: float(v.detach()) for k, v in values.items()}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_optimised_step_matches_the_plain_step(tiny_shards, tmp_path, channels_last):
+    """Three steps with the discriminator on: the same losses, λ and weights as the plain step, within
+    float rounding (one backward from the reconstruction, one discriminator pass, fused Adam)."""
+    settings = dict(disc_start=1, channels_last=channels_last, diffaug=["color", "translation", "cutout"])
+    fast = VQTrainer(tiny_vq(kmeans_init=False, restart_threshold=0.0), tiny_train(**settings), tiny_shards,
+                     tmp_path / "a", tmp_path / "fa", seed=5)
+    plain = VQTrainer(tiny_vq(kmeans_init=False, restart_threshold=0.0), tiny_train(**settings), tiny_shards,
+                      tmp_path / "b", tmp_path / "fb", seed=5)
+    betas = tuple(plain.cfg.betas)
+    plain.opt_ae = torch.optim.Adam(plain.model.parameters(), lr=plain.cfg.lr, betas=betas)
+    plain.opt_d = torch.optim.Adam(plain.disc.parameters(), lr=plain.cfg.lr, betas=betas)
+    for _ in range(3):
+        a, b = fast.train_step(), plain_step(plain)
+        for key, value in b.items():
+            assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    checked = 0
+    for (name, p), r in zip([*fast.model.named_parameters(), *fast.disc.named_parameters()],
+                            [*plain.model.parameters(), *plain.disc.parameters()], strict=True):
+        # Adam moves every weight by about lr per step, rounding by a tiny fraction of that; except where
+        # the gradient is zero but for rounding (a conv bias before a GroupNorm, the key bias of attention),
+        # which Adam turns into steps of lr in both runs alike
+        real = r.grad.abs() > 1e-7
+        assert ((p - r).abs() < 0.05 * fast.cfg.lr)[real].all(), name
+        checked += int(real.sum())
+    assert checked > 0.9 * sum(p.numel() for p in [*fast.model.parameters(), *fast.disc.parameters()])
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        fast.model.eval(), plain.model.eval(), fast.disc.eval(), plain.disc.eval()
+        assert torch.allclose(fast.model(x).recon, plain.model(x).recon, atol=1e-4)
+        assert torch.allclose(fast.disc(x), plain.disc(x), atol=1e-4)
+    for name, buf in fast.disc.named_buffers():
+        assert torch.allclose(buf.float(), dict(plain.disc.named_buffers())[name].float(), atol=1e-5), name

@@ -9,6 +9,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class SmallMapConv2d(nn.Conv2d):
+    """A Conv2d that on CPU computes an output map with fewer positions than kernel taps as one matmul
+    over the unfolded patches (im2col).
+
+    oneDNN runs such shapes, e.g. the 3×3 and 2×2 maps that end the PatchGAN on 32-px images, at a
+    fraction of its usual rate (measured 2–2.5× slower than the matmul); the matmul is the same sum
+    of products. Same parameters and state dict as nn.Conv2d; any other shape or device is its forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        oh, ow = (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
+        if (x.device.type != "cpu" or oh * ow >= kh * kw or self.groups != 1 or self.dilation != (1, 1)
+                or self.padding_mode != "zeros"):
+            return super().forward(x)
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, C·kh·kw, oh·ow)
+        y = self.weight.reshape(self.out_channels, -1) @ cols
+        if self.bias is not None:
+            y = y + self.bias[:, None]
+        return y.view(x.shape[0], self.out_channels, oh, ow)
+
+
 class PatchDiscriminator(nn.Module):
     """The pix2pix PatchGAN used by Taming: `n_layers` stride-2 convs, then two stride-1 convs.
 
@@ -26,11 +49,11 @@ class PatchDiscriminator(nn.Module):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
             layers += [
-                nn.Conv2d(ch * prev, ch * mult, 4, stride=stride, padding=1, bias=False),
+                SmallMapConv2d(ch * prev, ch * mult, 4, stride=stride, padding=1, bias=False),
                 nn.BatchNorm2d(ch * mult),
                 nn.LeakyReLU(0.2, True),
             ]
-        layers.append(nn.Conv2d(ch * mult, 1, 4, stride=1, padding=1))
+        layers.append(SmallMapConv2d(ch * mult, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)
         self.apply(_init_weights)
 
@@ -39,8 +62,18 @@ class PatchDiscriminator(nn.Module):
         # n_layers halvings, then two 4×4 stride-1 convs that each shrink the map by one.
         return 3 * 2**n_layers
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
+    def forward(self, x: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        """Logits of `x`; with `parts` > 1 the batch is that many equal groups (real images, then
+        reconstructions) that share every convolution but are normalised each with its own batch
+        statistics, in order, as separate calls would: one pass, the same numbers."""
+        if parts == 1:
+            return self.main(x)
+        for layer in self.main:
+            if isinstance(layer, (nn.BatchNorm2d, nn.SyncBatchNorm)):  # GlobalBatchNorm2d included
+                x = torch.cat([layer(group) for group in x.chunk(parts)])
+            else:
+                x = layer(x)
+        return x
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -82,3 +115,36 @@ def adaptive_weight(
         rec_grad, gan_grad = grad_reduce(torch.stack([rec_grad, gan_grad])).unbind(0)
     weight = rec_grad.float().norm() / (gan_grad.float().norm() + eps)
     return weight.clamp(0.0, max_weight).detach()
+
+
+def generator_gradient(
+    rec_loss: torch.Tensor,
+    gan_loss: torch.Tensor,
+    output: torch.Tensor,
+    last_layer: torch.Tensor,
+    max_weight: float,
+    scale: torch.Tensor | None = None,
+    eps: float = 1e-4,
+    grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ, the gradient of rec_loss + λ·gan_loss at the decoder's `output`), for the caller to
+    backpropagate from `output` into the autoencoder.
+
+    The λ of `adaptive_weight`, for less work: both losses reach the autoencoder through `output` only,
+    so each is differentiated once and only down to `output` (the discriminator's backward runs once,
+    and computes no gradients of its own weights), and the two last-layer gradients come from one
+    batched gradient call through the conv that made `output` (`last_layer` is its weight). `scale`
+    (a GradScaler's factor) multiplies both losses first, as a scaled backward would; λ is unscaled.
+    """
+    factor = 1.0 if scale is None else scale
+    rec_out = torch.autograd.grad(rec_loss * factor, output)[0]
+    gan_out = torch.autograd.grad(gan_loss * factor, output)[0]
+    both = torch.autograd.grad(output, last_layer, torch.stack([rec_out, gan_out]), retain_graph=True,
+                               is_grads_batched=True)[0]
+    if scale is not None:
+        both = both / scale
+    if grad_reduce is not None:
+        both = grad_reduce(both)
+    rec_grad, gan_grad = both.unbind(0)
+    weight = (rec_grad.float().norm() / (gan_grad.float().norm() + eps)).clamp(0.0, max_weight).detach()
+    return weight, rec_out + weight.to(rec_out.dtype) * gan_out
