@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,8 +119,22 @@ def _samples(root: Path, paths: RunPaths) -> str:
     classes = meta.extra.get("classes") or []
     if "labels" in meta.extra.get("_tensors", {}) and classes:
         caption += (f"; class {classes[int(cfg['class'])]}" if cfg.get("class") is not None
-                    else f"; classes in turn, row by row: {', '.join(map(str, classes[:12]))}")
+                    else "; " + cycled_classes_caption([str(c) for c in classes], int(cfg.get("n", 0))))
     return f"{_image(grid, root, 'sample grid')}<p class=\"note\">{html.escape(caption)}</p>"
+
+
+def cycled_classes_caption(classes: list[str], n: int, grid_max: int = 64) -> str:
+    """Where each class is in the sample grid when `sample` cycled the classes 0, 1, 2, ….
+
+    The grid is square (`sample` puts ⌈√shown⌉ images in a row), so the classes run along the rows and,
+    when a row holds a whole number of cycles, each column shows one class (8 classes, 64 images: column
+    c is class c, and every row holds one image of each class)."""
+    columns = max(1, math.ceil(math.sqrt(min(n, grid_max))))
+    if columns % len(classes) == 0:
+        names = ", ".join(classes)
+        repeat = f", repeating every {len(classes)} columns" if columns > len(classes) else ""
+        return f"one class per column, left to right: {names}{repeat}"
+    return f"classes in turn, left to right along each row: {', '.join(classes[:12])}"
 
 
 def _reconstructions(root: Path, figure: Path | None) -> str:
