@@ -219,3 +219,9 @@ def test_small_map_conv_equals_conv2d(size, stride, memory, monkeypatch):
     assert torch.allclose(fast.bias.grad, plain.bias.grad, atol=1e-4)
     out = (size + 2 - 4) // stride + 1
     assert bool(calls) == (out * out < 16)  # the matmul only for maps with fewer positions than taps
+    calls.clear()
+    fast.requires_grad_(False)  # a frozen weight (the generator's step) keeps oneDNN's conv
+    assert torch.allclose(fast(x), yb, atol=1e-5) and not calls
+    with torch.no_grad():
+        fast.requires_grad_(True)
+        assert torch.allclose(fast(x), yb, atol=1e-5) and not calls

@@ -38,12 +38,16 @@ def strip_time(records):
     return [{k: v for k, v in r.items() if k != "time"} for r in records]
 
 
-def test_exact_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
+@pytest.mark.parametrize("channels_last", [None, True])
+def test_exact_resume_matches_uninterrupted_run(tiny_shards, tmp_path, channels_last):
+    # channels_last: the fused Adam kernel needs the moments back in their parameter's layout on resume
     full, half = tmp_path / "full", tmp_path / "half"
-    a = train_vq(full, tiny_vq(), tiny_train(max_steps=6), seed=3, device="cpu", shards=tiny_shards)
+    train = dict(channels_last=channels_last)
+    a = train_vq(full, tiny_vq(), tiny_train(max_steps=6, **train), seed=3, device="cpu", shards=tiny_shards)
     assert a.step == 6 and a.reason == "max-steps"
-    train_vq(half, tiny_vq(), tiny_train(max_steps=3), seed=3, device="cpu", shards=tiny_shards)
-    b = train_vq(half, tiny_vq(), tiny_train(max_steps=6), seed=3, device="cpu", shards=tiny_shards, resume=True)
+    train_vq(half, tiny_vq(), tiny_train(max_steps=3, **train), seed=3, device="cpu", shards=tiny_shards)
+    b = train_vq(half, tiny_vq(), tiny_train(max_steps=6, **train), seed=3, device="cpu", shards=tiny_shards,
+                 resume=True)
     assert b.step == 6
     la, lb = strip_time(train_losses(full)), strip_time(train_losses(half))
     assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
@@ -177,7 +181,7 @@ def plain_step(task: VQTrainer) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in values.items()}
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [None, True])
 def test_optimised_step_matches_the_plain_step(tiny_shards, tmp_path, channels_last):
     """Three steps with the discriminator on: the same losses, λ and weights as the plain step, within
     float rounding (one backward from the reconstruction, one discriminator pass, fused Adam)."""
@@ -186,6 +190,8 @@ def test_optimised_step_matches_the_plain_step(tiny_shards, tmp_path, channels_l
                      tmp_path / "a", tmp_path / "fa", seed=5)
     plain = VQTrainer(tiny_vq(kmeans_init=False, restart_threshold=0.0), tiny_train(**settings), tiny_shards,
                       tmp_path / "b", tmp_path / "fb", seed=5)
+    # channels_last None: NCHW on CPU (GroupNorm's NHWC kernel is the slow one there)
+    assert fast.memory_format == (torch.channels_last if channels_last else torch.contiguous_format)
     betas = tuple(plain.cfg.betas)
     plain.opt_ae = torch.optim.Adam(plain.model.parameters(), lr=plain.cfg.lr, betas=betas)
     plain.opt_d = torch.optim.Adam(plain.disc.parameters(), lr=plain.cfg.lr, betas=betas)
@@ -210,3 +216,18 @@ def test_optimised_step_matches_the_plain_step(tiny_shards, tmp_path, channels_l
         assert torch.allclose(fast.disc(x), plain.disc(x), atol=1e-4)
     for name, buf in fast.disc.named_buffers():
         assert torch.allclose(buf.float(), dict(plain.disc.named_buffers())[name].float(), atol=1e-5), name
+
+
+def test_compile_setting_compiles_all_but_the_last_layer(tiny_shards, tmp_path):
+    """--compile wraps the encoder, the decoder up to its last GroupNorm and the discriminator (lazily: the
+    graphs are built at the first step); the decoder's last norm and conv, where the adaptive weight takes
+    its gradient, stay eager. The model's state-dict keys do not change."""
+    plain = VQTrainer(tiny_vq(), tiny_train(), tiny_shards, tmp_path / "a", tmp_path / "fa")
+    task = VQTrainer(tiny_vq(), tiny_train(compile=True), tiny_shards, tmp_path / "b", tmp_path / "fb")
+    dec = task.model.decoder
+    compiled = [task.model.encoder, dec.conv_in, dec.mid, *dec.levels, task.disc]
+    assert all(m._compiled_call_impl is not None for m in compiled)
+    assert dec.norm_out._compiled_call_impl is None and dec.conv_out._compiled_call_impl is None
+    assert all(m._compiled_call_impl is None for m in plain.model.modules())
+    assert list(task.model.state_dict()) == list(plain.model.state_dict())
+    assert list(task.disc.state_dict()) == list(plain.disc.state_dict())

@@ -54,6 +54,8 @@ def train_vq_command(
     disc_weight_max: float = typer.Option(None, "--disc-weight-max", help="Clamp of the adaptive GAN weight."),
     eval_every: int = typer.Option(None, "--eval-every", help="Validate and write a PNG grid every N steps."),
     tensorboard: bool = options.TensorBoard,
+    compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the autoencoder and the "
+                                  "discriminator: minutes of compilation; no faster on CPU (measured)."),
     shards: Path = typer.Option(None, "--shards", help="Shards folder (default: RUN/shards)."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN/checkpoints/train-vq-last.safetensors."),
     init: Path = typer.Option(
@@ -75,7 +77,7 @@ def train_vq_command(
     cli = dict(max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                perceptual=perceptual,
                perceptual_weights=str(perceptual_weights) if perceptual_weights else None, disc_start=disc_start,
-               disc_weight_max=disc_weight_max, eval_every=eval_every, tensorboard=tensorboard)
+               disc_weight_max=disc_weight_max, eval_every=eval_every, tensorboard=tensorboard, compile=compile_)
     # The settings as chosen, not yet filled with defaults: with --init they are checked against the artifact.
     chosen = choose(train_vq_parts(), load_recipe(config), set_, {"train_vq": cli})
     if nproc_per_node != 1:
