@@ -67,6 +67,7 @@ def train_prior_command(
     from vqtool.distributed import process_info
     from vqtool.finetune import init_row
     from vqtool.launch import launch_ranks
+    from vqtool.prior.defaults import auto_row
     from vqtool.prior.train import stage_names, train_prior
 
     cli = dict(prior=prior, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
@@ -82,7 +83,7 @@ def train_prior_command(
     out = out or paths.prior
     stage = stage_names(paths.prior, out)
     r = train_prior(latents or paths.latents, chosen, out, paths.checkpoint(stage), paths.log(stage),
-                    resume=resume, overwrite=overwrite, init=init)
+                    resume=resume, overwrite=overwrite, init=init, auto_defaults=True)
     best = "-"
     if r.best_val_bpt is not None:
         best = f"{r.best_val_bpt:.4f} bits/token at step {r.best_step}"
@@ -92,6 +93,7 @@ def train_prior_command(
         ("prior", f"{r.prior} ({r.kind}, {r.params:,} parameters)"),
         ("steps", f"{r.steps} ({r.reason})"),
         *([("init", init_row(r.init, r.init_sha256))] if r.init_sha256 else []),
+        *([("auto defaults", auto_row(r.auto))] if r.auto and r.auto["values"] else []),
         ("best val bound", best),
         ("last train bpt", f"{r.last_train['bpt']:.4f}" if "bpt" in r.last_train else "-"),
         ("throughput", f"{r.tokens_per_second:,.0f} tokens/s in training steps"),

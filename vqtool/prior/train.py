@@ -62,6 +62,7 @@ from vqtool.errors import VqtoolError
 from vqtool.finetune import chosen_settings, find_init, start_weights
 from vqtool.latents import Latents, load_latents
 from vqtool.precision import PRECISIONS, autocast, grad_scaler, resolve_precision, switch_note
+from vqtool.prior.defaults import auto_record
 from vqtool.prior.objectives import make_objective
 from vqtool.prior.store import PRIOR_KINDS, save_prior
 from vqtool.prior.transformer import NO_CLASS, Transformer, TransformerConfig
@@ -306,8 +307,9 @@ class PriorTrainTask:
 
     def __init__(self, cfg: TrainPriorConfig, latents: Latents, latents_sha: str, out: Path,
                  device: torch.device, proc: ProcessInfo | None = None, init: PriorInit | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", auto: dict[str, Any] | None = None):
         self.cfg = cfg
+        self.auto = auto  # the settings the auto rule chose (vqtool.prior.defaults), kept by every resume
         self.precision = precision  # resolved (vqtool.precision): fp32, bf16 or fp16
         self.init = init
         self.out = out
@@ -531,6 +533,8 @@ class PriorTrainTask:
             key["init"] = self.init.sha256
         if self.use_labels and self.cfg.cond_drop > 0:  # likewise: a checkpoint made before cond_drop existed
             key["cond_drop"] = self.cfg.cond_drop
+        if self.auto is not None:  # likewise
+            key["auto"] = self.auto
         return key
 
     def output_paths(self) -> list[Path]:
@@ -591,6 +595,8 @@ class TrainPriorResult:
     init: Path | None = None  # the init artifact, when it was named
     init_sha256: str | None = None  # set for every run started from an init artifact
     stopped_by: signal.Signals | None = None  # SIGINT or SIGTERM, for an interrupted run
+    # The auto settings this session used ({"values", "reasons", "resumed"}; vqtool.prior.defaults), if any.
+    auto: dict[str, Any] | None = None
 
 
 def stage_names(run_prior: Path, out: Path) -> str:
@@ -654,6 +660,11 @@ def fine_tune_settings(start: PriorInit, cfg: TrainPriorConfig, given: Mapping[s
     return dataclasses.replace(cfg, prior=start.kind, **fixed)
 
 
+def _recorded_auto(checkpoint: Path) -> dict[str, Any] | None:
+    """The auto settings a run's checkpoint recorded (None when it was started without them, or is missing)."""
+    return read_metadata(checkpoint, "prior-checkpoint").config.get("auto") if checkpoint.exists() else None
+
+
 def check_latents_fit(start: PriorInit, latents: Latents, where: Path) -> None:
     """The latents must be what the init prior models: the same codebook, grid and classes (and VQ)."""
     model = start.model
@@ -688,6 +699,7 @@ def train_prior(
     resume: bool = False,
     overwrite: bool = False,
     init: str | Path | None = None,
+    auto_defaults: bool = False,
 ) -> TrainPriorResult:
     """Train a prior on `latents_path`; write the best-validation prior to `out`, the latest resumable
     state to `checkpoint` and the JSONL log to `log`.
@@ -695,6 +707,10 @@ def train_prior(
     `cfg` is a TrainPriorConfig or a mapping of the settings chosen (the rest default). `init` fine-tunes
     a prior-model artifact (see the module docstring): the settings chosen must agree with it, except
     TUNABLE ones; a TrainPriorConfig counts as choosing the fields that differ from the defaults.
+
+    `auto_defaults` (the train-prior command's choice) fills the size and optimisation settings not chosen
+    from the latents and the device (vqtool.prior.defaults) on a fresh start without `init`. A resume takes
+    them from the checkpoint's record instead, whoever calls and on whatever machine.
     """
     cfg, given = chosen_settings(TrainPriorConfig, cfg, "train_prior")
     latents_path, out, checkpoint = Path(latents_path), Path(out), Path(checkpoint)
@@ -704,21 +720,33 @@ def train_prior(
             raise VqtoolError(f"--init {start_from.path} is also the output; write the fine-tuned prior elsewhere "
                               "(--out) so the init artifact stays")
         cfg = fine_tune_settings(start_from, cfg, given)
-    check_config(cfg)
+    auto = _recorded_auto(checkpoint) if resume else None
+    if auto is not None:
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in auto["values"].items() if k not in given})
+    fresh_auto = auto_defaults and start_from is None and not resume
+    if not fresh_auto:  # else once the auto settings are in: a chosen --heads 6 must fit the auto width, not 256
+        check_config(cfg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if not latents_path.exists():
         raise VqtoolError(f"{latents_path}: no latents here; run `vqtool encode` first (or pass --latents)")
     if out.exists() and not resume and not overwrite:
         raise VqtoolError(f"{out} exists; pass --resume to continue its run or --overwrite to start again")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     latents = load_latents(latents_path)
     if start_from is not None:
         check_latents_fit(start_from, latents, latents_path)
+    if fresh_auto:
+        from vqtool.launch import usable_cpus
+
+        auto = auto_record(tuple(latents.latent_shape), latents.splits["train"].tokens.shape[0],
+                           latents.codebook_size, device.type, usable_cpus(), cfg.prior, given)
+        cfg = dataclasses.replace(cfg, **(auto or {}).get("values", {}))
+        check_config(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     with distributed_session(device) as proc:
         task = PriorTrainTask(cfg, latents, file_sha256(latents_path), out, device, proc, init=start_from,
-                              precision=precision)
+                              precision=precision, auto=auto)
         if task.val_tokens is None and proc.is_main:
             console.print(f"[yellow]warning:[/yellow] {latents_path} has no val split: no validation bound, "
                           "the prior will be the last weights")
@@ -737,4 +765,6 @@ def train_prior(
         params=sum(p.numel() for p in task.model.parameters()), prior=out, checkpoint=checkpoint,
         log=Path(log), kind=cfg.prior, precision=precision, init=start_from.path if start_from else None,
         init_sha256=start_from.sha256 if start_from else None, stopped_by=result.stopped_by,
+        auto=auto and {"values": {k: v for k, v in auto["values"].items() if k not in given},
+                       "reasons": auto["reasons"], "resumed": resume},
     )
