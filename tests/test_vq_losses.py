@@ -4,10 +4,17 @@ import pytest
 import torch
 
 from vqtool.errors import VqtoolError
-from vqtool.vq.losses import PatchDiscriminator, adaptive_weight, generator_gradient, hinge_d_loss, hinge_g_loss
+from vqtool.vq.losses import PatchDiscriminator, generator_gradient, hinge_d_loss, hinge_g_loss
 from vqtool.vq.model import VQConfig, VQModel
 from vqtool.vq.perceptual import build_lpips, build_perceptual, hub_checkpoint_path
 
+
+def adaptive_weight(rec_loss, gan_loss, last_layer, max_weight, eps=1e-4):
+    """λ in its plain form, as Taming's code computes it: two gradients at the last layer, the ratio of
+    their norms, clamped. The reference `generator_gradient` is checked against."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + eps)).clamp(0.0, max_weight).detach()
 
 @pytest.mark.parametrize("n_layers,size,out", [(3, 32, 2), (2, 16, 2), (1, 16, 6), (3, 24, 1)])
 def test_patch_discriminator_map_size(n_layers, size, out):

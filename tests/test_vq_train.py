@@ -157,8 +157,10 @@ def plain_step(task: VQTrainer) -> dict[str, float]:
     """The train-vq step in its plain form, for comparison: λ from two extra last-layer gradients and one
     backward of the whole loss, the discriminator called on real and reconstructed images separately,
     torch's default Adam (the form of Taming's code, and of vqtool's before issue 16)."""
+    from test_vq_losses import adaptive_weight
+
     from vqtool.vq.diffaug import diff_augment
-    from vqtool.vq.losses import adaptive_weight, hinge_d_loss, hinge_g_loss
+    from vqtool.vq.losses import hinge_d_loss, hinge_g_loss
 
     cfg, q = task.cfg, task.model.quantizer
     x = task._next_batch()

@@ -4,8 +4,8 @@
 machine it runs on. So the transformer is picked from a ladder of sizes by two limits:
 
 * compute: on a CPU, the largest size whose step (batch 16) is estimated to take at most
-  CPU_STEP_SECONDS on this many cores, so 30 minutes make about 2,000 steps (what the emoji-64 prior
-  needed for recognisable samples, docs/recipes.md); a GPU is not the limit for any size of the ladder;
+  CPU_STEP_SECONDS on this many cores, so 30 minutes make about 2,000 steps; a GPU is not the limit for
+  any size of the ladder;
 * data: at most PARAMS_PER_TOKEN parameters per training token (images × grid tokens), so a few
   thousand images do not get a model that only memorises them.
 

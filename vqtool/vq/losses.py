@@ -97,28 +97,6 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(
-    rec_loss: torch.Tensor,
-    gan_loss: torch.Tensor,
-    last_layer: torch.Tensor,
-    max_weight: float,
-    eps: float = 1e-4,
-    grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """λ = ‖∇L_rec‖ / (‖∇L_gan‖ + eps), gradients at the decoder's last layer, clamped to [0, max_weight].
-
-    Balances the GAN term against reconstruction (Taming eq. 7; the clamp is Unleashing's eq. 9). The
-    result is detached: λ is a weight, not something to optimise. `grad_reduce` (e.g. the mean over the
-    ranks of a multi-process run) turns both gradients into those of the global batch first.
-    """
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    if grad_reduce is not None:
-        rec_grad, gan_grad = grad_reduce(torch.stack([rec_grad, gan_grad])).unbind(0)
-    weight = rec_grad.float().norm() / (gan_grad.float().norm() + eps)
-    return weight.clamp(0.0, max_weight).detach()
-
-
 def generator_gradient(
     rec_loss: torch.Tensor,
     gan_loss: torch.Tensor,
@@ -132,7 +110,13 @@ def generator_gradient(
     """(λ, the gradient of rec_loss + λ·gan_loss at the decoder's `output`), for the caller to
     backpropagate from `output` into the autoencoder.
 
-    The λ of `adaptive_weight`, for less work: both losses reach the autoencoder through `output` only,
+    λ = ‖∇L_rec‖ / (‖∇L_gan‖ + eps), gradients at the decoder's last layer, clamped to [0, max_weight]: it
+    balances the GAN term against reconstruction (Taming eq. 7; the clamp is Unleashing's eq. 9) and is
+    detached, a weight, not something to optimise. `grad_reduce` (e.g. the mean over the ranks of a
+    multi-process run) turns both gradients into those of the global batch first.
+
+    It is computed for less work than two gradients of the losses at the last layer (the plain form,
+    tests/test_vq_losses.py): both losses reach the autoencoder through `output` only,
     so each is differentiated once and only down to `output` (the discriminator's backward runs once,
     and computes no gradients of its own weights), and the two last-layer gradients come from one
     batched gradient call through the conv that made `output` (`last_layer` is its weight). `scale`
