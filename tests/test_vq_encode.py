@@ -147,3 +147,32 @@ def test_vq_artifact_round_trip_keeps_config(tiny_run):
     assert to_dict(vq.model.cfg) == to_dict(model.cfg)
     for k, v in model.state_dict().items():
         assert torch.equal(vq.model.state_dict()[k], v)
+
+
+def test_token_encoder_pads_to_the_compiled_shape_and_matches_eager():
+    """The compiled path always sees one batch shape (a stand-in for torch.compile here: real compilation
+    takes minutes); smaller batches are padded and cut, larger ones split, and the tokens are the eager ones."""
+    from vqtool.vq.encode import TokenEncoder
+
+    torch.manual_seed(0)
+    model = VQModel(VQConfig(resolution=16, ch=8, ch_mult=[1, 2], attn_resolutions=[8], z_channels=8,
+                             codebook_size=16, code_dim=4)).eval()
+    shapes = []
+
+    def compiled(x):
+        shapes.append(tuple(x.shape))
+        assert x.is_contiguous()  # compiled from NCHW
+        return model.encode_to_tokens(x)
+
+    enc = TokenEncoder(model, torch.device("cpu"), "fp32", compiled=compiled)
+    images = torch.rand(11, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        expected = model.encode_to_tokens(images)
+    got = torch.cat([enc(images[:4]), enc(images[4:7]), enc(images[7:11])])
+    assert torch.equal(got, expected)
+    assert enc(images[:10]).shape == (10, 8, 8)  # 10 > 4: split into 4, 4, 2 (padded)
+    assert set(shapes) == {(4, 3, 16, 16)}
+    eager = TokenEncoder(model, torch.device("cpu"), "fp32")
+    assert eager.memory_format == torch.channels_last
+    out = eager(images)
+    assert out.dtype == torch.int64 and (out == expected).float().mean() > 0.99  # NHWC: float rounding only

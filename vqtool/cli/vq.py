@@ -112,6 +112,9 @@ def encode_command(
     # Defaults: vqtool.vq.encode.EncodeSettings, shared with the pipeline's `encode:` section.
     batch_size: int = typer.Option(None, "--batch-size", help="Images per forward pass."),
     weights: str = typer.Option(None, "--weights", help=_WEIGHTS_HELP),
+    compile_: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the encoder: about 1.5 "
+                                  "minutes of compilation, then 1.5× faster on CPU (pays from tens of thousands of "
+                                  "images)."),
     overwrite: bool = options.Overwrite,
     machine=None,
 ) -> None:
@@ -119,9 +122,9 @@ def encode_command(
     from vqtool.vq.encode import EncodeSettings, encode_dataset
 
     s = stage_settings((Part(EncodeSettings, ("encode",)),), {}, None,
-                       {"encode": {"batch_size": batch_size, "weights": weights}})["encode"]
+                       {"encode": {"batch_size": batch_size, "weights": weights, "compile": compile_}})["encode"]
     r = encode_dataset(run, vq, shards, out, batch_size=s.batch_size, device=machine.device, overwrite=overwrite,
-                       weights=s.weights, precision=machine.precision)
+                       weights=s.weights, precision=machine.precision, compile=s.compile)
     rows = [
         ("output", r.output),
         ("status", "up to date (same VQ and data); nothing encoded" if r.reused else "encoded"),

@@ -54,8 +54,10 @@ def plan_train_vq(ctx: Context) -> Step:
     cfg = merge(TrainVQConfig, ctx.section("train_vq"), where="train_vq")
     cfg.validate()
     cfg.check_loop("train_vq")
-    # What changes the output; the workers and the TensorBoard twin of the log do not.
-    recorded = {"vq": to_dict(vq_cfg), "train_vq": without(to_dict(cfg), "num_workers", "tensorboard"),
+    # What changes the output; the workers, the TensorBoard twin of the log and the settings of speed
+    # alone (the same training up to float rounding) do not.
+    recorded = {"vq": to_dict(vq_cfg),
+                "train_vq": without(to_dict(cfg), "num_workers", "tensorboard", "channels_last", "compile"),
                 "seed": ctx.seed}
 
     def run(resume: bool) -> Outcome:
@@ -76,12 +78,12 @@ def plan_encode(ctx: Context) -> Step:
 
     def run(resume: bool) -> Outcome:
         r = encode_dataset(ctx.paths.root, batch_size=s.batch_size, device=ctx.device, overwrite=True,
-                           weights=s.weights, precision=ctx.precision)
+                           weights=s.weights, precision=ctx.precision, compile=s.compile)
         used = ", ".join(f"{100 * u:.0f}% ({split})" for split, u in r.usage.items())
         return Outcome(f"{r.latent_shape[0]}×{r.latent_shape[1]} tokens of {r.codebook_size} codes; "
                        f"codes used {used}")
 
-    return Step("encode", to_dict(s), ctx.paths.latents,
+    return Step("encode", without(to_dict(s), "compile"), ctx.paths.latents,
                 lambda: {"vq": ctx.paths.vq, "dataset": ctx.paths.shards}, run)
 
 

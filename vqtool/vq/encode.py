@@ -4,6 +4,7 @@ decode (latents or samples artifact → PNGs). Each runs the VQ in its `precisio
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from vqtool.latents import Latents, Split, save_latents
 from vqtool.outputs import check_writable, removed_on_failure
 from vqtool.precision import autocast, resolve_precision
 from vqtool.runs import RunPaths
-from vqtool.vq.store import LoadedVQ, load_vq
+from vqtool.vq.store import load_vq
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -35,6 +36,7 @@ class EncodeSettings:
 
     batch_size: int = 64  # images per forward pass
     weights: str = "ema"  # which weights of vq.safetensors encode: ema | model
+    compile: bool = False  # torch.compile the encoder (about 1.5 min, then 1.5× faster on CPU)
 
 
 @dataclass
@@ -64,11 +66,13 @@ def encode_dataset(
     overwrite: bool = False,
     weights: str = EncodeSettings.weights,
     precision: str = "auto",
+    compile: bool = EncodeSettings.compile,
 ) -> EncodeResult:
     """Encode the train and val splits of the shards into token grids → latents.safetensors.
 
     Existing latents made by the same VQ from the same data are kept (nothing to do); latents made by a
     different VQ or dataset are refused unless `overwrite`, so a stale cache is never used silently.
+    `compile` runs the encoder through torch.compile (see TokenEncoder).
     """
     paths = RunPaths.of(run)
     vq_path = Path(vq_path) if vq_path else paths.vq
@@ -103,7 +107,8 @@ def encode_dataset(
         )
 
     with removed_on_failure(check_writable(output)):  # before minutes of encoding, not after
-        splits, usage, seconds = _encode_splits(vq, shards, manifest, batch_size, dev, chosen)
+        encoder = TokenEncoder(vq.model, dev, chosen, compile=compile)
+        splits, usage, seconds = _encode_splits(encoder, shards, manifest, batch_size, dev)
         latents = Latents(splits=splits, codebook_size=vq.model.codebook_size, latent_shape=latent_shape,
                           image_size=image_size, classes=list(manifest.get("classes", [])))
         save_latents(output, latents, parents=parents, config_extra={"vq_weights": weights})
@@ -112,8 +117,47 @@ def encode_dataset(
                         chosen)
 
 
-def _encode_splits(vq: LoadedVQ, shards: Path, manifest: dict, batch_size: int, dev: torch.device,
-                   precision: str) -> tuple[dict[str, Split], dict[str, float], float]:
+class TokenEncoder:
+    """Images → token grids (on the CPU) with a VQ, the fastest way measured for a whole dataset.
+
+    Inference mode, and channels-last activations: the encoder's forward measured 0–17 % faster in NHWC
+    on CPU (32 to 256 px) and GPUs convolve NHWC natively. `compile` runs `encode_to_tokens` through
+    torch.compile with the weights frozen into the graph (inductor's prepacked oneDNN convolutions and
+    fused GroupNorm + swish): about 85 s of compilation on a cold cache (a few seconds to a minute warm),
+    then 1.5× the eager rate on this CPU (≈ 75 % of the fp32 matmul peak, eager ≈ 50 %); compiled from
+    NCHW, which inductor ran 10 % faster. A compiled graph is built for one batch shape: a smaller batch
+    is padded to it (each image is encoded on its own, so the padding changes nothing) and cut off after.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, compile: bool = False,
+                 compiled: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.model = model.eval()
+        self.device = device
+        self.precision = precision
+        self.memory_format = torch.contiguous_format if compile or compiled else torch.channels_last
+        self.model.to(memory_format=self.memory_format)
+        if compile and compiled is None:
+            compiled = torch.compile(self.model.encode_to_tokens, dynamic=False, options={"freezing": True})
+        self.compiled = compiled
+        self._batch = 0  # the batch size the compiled graph was built for
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        with autocast(self.device, self.precision):
+            if self.compiled is None:
+                return self.model.encode_to_tokens(x).cpu()
+            n = x.shape[0]
+            self._batch = self._batch or n
+            if n > self._batch:
+                return torch.cat([self(chunk) for chunk in images.split(self._batch)])
+            if n < self._batch:
+                x = torch.cat([x, x.new_zeros((self._batch - n, *x.shape[1:]))])
+            return self.compiled(x)[:n].cpu()
+
+
+def _encode_splits(encoder: TokenEncoder, shards: Path, manifest: dict, batch_size: int,
+                   dev: torch.device) -> tuple[dict[str, Split], dict[str, float], float]:
     """Token grids of every non-empty split, the fraction of codes each uses, and the seconds taken."""
     splits: dict[str, Split] = {}
     usage: dict[str, float] = {}
@@ -127,20 +171,14 @@ def _encode_splits(vq: LoadedVQ, shards: Path, manifest: dict, batch_size: int, 
             loader = ShardLoader(shards, split, batch_size=batch_size, infinite=False, pin_memory=dev.type == "cuda")
             tokens, labels = [], []
             for images, y in loader:
-                tokens.append(_encode_batch(vq, images, dev, precision))
+                tokens.append(encoder(images))
                 if y is not None:
                     labels.append(y)
                 bar.update(job, advance=images.shape[0], status=split)
             grid = torch.cat(tokens)
             splits[split] = Split(tokens=grid, labels=torch.cat(labels) if labels else None)
-            usage[split] = grid.unique().numel() / vq.model.codebook_size
+            usage[split] = grid.unique().numel() / encoder.model.codebook_size
     return splits, usage, time.perf_counter() - start
-
-
-@torch.no_grad()
-def _encode_batch(vq: LoadedVQ, images: torch.Tensor, dev: torch.device, precision: str) -> torch.Tensor:
-    with autocast(dev, precision):
-        return vq.model.encode_to_tokens(images.to(dev, non_blocking=True)).cpu()
 
 
 # --------------------------------------------------------------------------------------------------
