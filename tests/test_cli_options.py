@@ -58,6 +58,25 @@ def test_every_sampling_command_takes_the_shared_options(command):
     r = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0
     for flag in ("--steps", "--temperature", "--schedule", "--curve", "--order", "--top-k", "--top-p",
-                 "--seed", "--device", "--precision", "--config", "--set", "--overwrite"):
+                 "--seed", "--device", "--precision", "--threads", "--config", "--set", "--overwrite"):
         assert flag in r.output, (command, flag)
     assert "Sampling" in r.output
+
+
+def test_common_applies_threads_before_the_command_runs(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    calls: list[int] = []
+    demo, seen = typer.Typer(), []
+
+    @demo.command()
+    @options.common
+    def show(n: int = typer.Option(1, "--n"), common=None) -> None:
+        seen.append((n, common))
+
+    r = CliRunner().invoke(demo, ["--threads", "1", "--seed", "4"])
+    assert r.exit_code == 0, r.output
+    assert calls == [1] and seen[0][1].seed == 4 and not hasattr(seen[0][1], "threads")
+    r = CliRunner().invoke(demo, ["--threads", "-2"])
+    assert r.exit_code != 0 and "--threads -2" in str(r.exception)

@@ -63,14 +63,12 @@ def eval_command(
     latents: Path = typer.Option(None, "--latents", help="Latents artifact (default: RUN/latents.safetensors)."),
     shards: Path = options.Shards,
     sample_batch_size: int = _SampleBatch,
-    threads: int = options.Threads,
     sampling=None,
     common=None,
 ) -> None:
     """Score a run: FID/KID/PRDC of generated vs real images, VQ reconstruction, prior NLL → RUN/eval/report.json."""
     from vqtool.eval.stage import EvalSettings, evaluate
 
-    options.apply_threads(threads)
     cli = dict(metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, n=n,
                n_real=n_real, real=real, real_split=real_split, fake=fake, fake_split=fake_split, features=features,
                feature_weights=_str(feature_weights), feature_layer=feature_layer, download=download,

@@ -99,17 +99,18 @@ sampling = OptionGroup("sampling", {
     "order": (str, Order), "top_k": (int, TopK), "top_p": (float, TopP), "guidance": (float, Guidance),
     "guidance_schedule": (str, GuidanceSchedule)})
 
-# The tail of every sampling command: how it runs and where its settings come from.
-common = OptionGroup("common", {
-    "seed": (int, Seed), "device": (str, Device), "precision": (str, Precision), "config": (Path, Config),
-    "set_": (list[str], Set), "overwrite": (bool, Overwrite)})
-
-
-def _machine(device: str, precision: str, threads: int | None) -> SimpleNamespace:
+def _with_threads(threads: int | None, **values) -> SimpleNamespace:
     apply_threads(threads)
-    return SimpleNamespace(device=device, precision=precision)
+    return SimpleNamespace(**values)
+
+
+# The tail of every sampling command: how it runs and where its settings come from; --threads is applied
+# before the stage starts.
+common = OptionGroup("common", {
+    "seed": (int, Seed), "device": (str, Device), "precision": (str, Precision), "threads": (int, Threads),
+    "config": (Path, Config), "set_": (list[str], Set), "overwrite": (bool, Overwrite)}, make=_with_threads)
 
 
 # Where a model stage runs: `machine.device`, `machine.precision`; --threads is applied before the stage starts.
 machine = OptionGroup("machine", {"device": (str, Device), "precision": (str, Precision),
-                                  "threads": (int, Threads)}, make=_machine)
+                                  "threads": (int, Threads)}, make=_with_threads)
