@@ -170,3 +170,17 @@ def test_cli_recipe_set_and_flags_win_and_the_row_says_what_was_chosen(tmp_path,
     assert res.exit_code == 0, res.output
     assert "auto defaults" not in res.output
     assert "auto" not in read_metadata(run / "checkpoints" / "train-prior-last.safetensors").config
+
+
+def test_shipped_recipes_spell_out_every_auto_setting():
+    # A recipe describes its run on any machine: none leaves a setting to the auto rule.
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        recipe = yaml.safe_load(path.read_text())
+        if "prior" not in recipe and "train_prior" not in recipe:
+            continue
+        chosen = {**(recipe.get("prior") or {}), **(recipe.get("train_prior") or {})}
+        assert set(AUTO_KEYS) <= set(chosen), f"{path.name}: missing {sorted(set(AUTO_KEYS) - set(chosen))}"
