@@ -86,6 +86,41 @@ def test_hidden_at_equals_full_trunk(n_classes):
                                        atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_classes", [0, 3])
+def test_predictor_in_chunks_and_on_alike_rows_equals_the_full_forward(n_classes):
+    model = tiny_model(n_classes=n_classes)
+    g = torch.Generator().manual_seed(2)
+    B = 5
+    labels = torch.tensor([0, 2, 1, -1, 2]) if n_classes else None
+    mixed = torch.randint(0, V + 1, (B, 16), generator=g)
+    alike = torch.randint(0, V + 1, (1, 16), generator=g).expand(B, -1).clone()
+    same_label = torch.full((B,), 1) if n_classes else None
+    for tokens, rows_labels in ((mixed, labels), (alike, labels), (alike, same_label), (torch.full((B, 16), V), None)):
+        with torch.no_grad():
+            logits = model(tokens, rows_labels)
+        for k in (1, 3, 12):
+            positions = torch.stack([torch.randperm(16, generator=g)[:k] for _ in range(B)])
+            want = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, V))
+            for chunk in (None, 1, 2, 5, 8):
+                with torch.no_grad():
+                    got = TransformerPredictor(model, rows_labels, chunk=chunk)(tokens, positions)
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_alike_rows_run_as_one_row_and_different_labels_do_not():
+    model = tiny_model(n_classes=3)
+    seen = []
+    hidden_at = model.hidden_at
+    model.hidden_at = lambda tokens, labels, positions, body=None: seen.append(tokens.shape[0]) or hidden_at(
+        tokens, labels, positions, body)
+    tokens, positions = torch.full((4, 16), V), torch.arange(8).reshape(4, 2)
+    with torch.no_grad():
+        TransformerPredictor(model, torch.full((4,), 2))(tokens, positions)
+        TransformerPredictor(model, torch.tensor([2, 2, 1, 2]))(tokens, positions)
+        TransformerPredictor(model, torch.tensor([2, 2, 1, 2]), chunk=3)(tokens, positions)
+    assert seen == [1, 4, 3, 1]
+
+
 # --------------------------------------------------------------------------------------------------
 # Schedules
 

@@ -43,6 +43,10 @@ Progress = Callable[[int, int], None]
 
 QUANTIZE = ("none", "int8")
 
+# Token rows per transformer pass when sampling on a CPU: few enough that a pass's activations stay in the
+# cache (see TransformerPredictor).
+CPU_ROWS_PER_PASS = 512
+
 # The files `sample` writes into its folder; anything else found there is kept when it is replaced.
 SAMPLE_OUTPUTS = matcher("sample-*.png", "grid.png", "samples.safetensors", ".*.tmp")
 
@@ -73,25 +77,78 @@ class TransformerPredictor:
     """`predict(tokens, positions)` of an absorbing prior on its training grid, head only where asked.
 
     It runs in the caller's precision, as the autoregressive sampler does (the stage's autocast region,
-    vqtool.precision), and hands fp32 logits to the sampler."""
+    vqtool.precision), and hands fp32 logits to the sampler.
 
-    def __init__(self, model: Transformer, labels: torch.Tensor | None = None):
+    Two ways to do the same work faster, each within float rounding of one pass over the whole batch:
+    `chunk` images go through the transformer at a time (None: all at once), so that on a CPU a pass's
+    activations stay in the cache and the memory-bound LayerNorms, GELUs and bias adds run from it;
+    and a batch whose rows are all the same (an unconditional prior's all-MASK grid at the first step)
+    runs as one row, the positions of every row asked of it.
+    """
+
+    def __init__(self, model: Transformer, labels: torch.Tensor | None = None, chunk: int | None = None,
+                 body: CompiledBody | None = None):
         self.model = model
         self.labels = labels
+        self.chunk = body.batch if body is not None else chunk
+        self.body = body
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.hidden_at(tokens, self.labels, positions)).float()
+        B, k = positions.shape
+        if B > 1 and self._rows_alike(tokens):
+            labels = self.labels[:1] if self.labels is not None else None
+            return self._logits(tokens[:1], labels, positions.reshape(1, B * k)).reshape(B, k, -1)
+        step = self.chunk or B
+        if step >= B:
+            return self._logits(tokens, self.labels, positions)
+        return torch.cat([self._logits(tokens[i:i + step], self.labels[i:i + step] if self.labels is not None
+                                       else None, positions[i:i + step]) for i in range(0, B, step)])
+
+    def _logits(self, tokens: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.hidden_at(tokens, labels, positions, self.body)).float()
+
+    def _rows_alike(self, tokens: torch.Tensor) -> bool:
+        if self.labels is not None and bool((self.labels != self.labels[0]).any()):
+            return False
+        return bool((tokens == tokens[:1]).all())
+
+
+class CompiledBody:
+    """`model.body` (the transformer up to its last block) through torch.compile with the weights frozen
+    into the graph, built for one batch shape on its first call: a smaller batch is padded to it with
+    copies of its last row (each row is computed on its own, so the padding changes nothing) and cut
+    off after. The body is the same shape at every step, so it compiles once per sampling run."""
+
+    def __init__(self, model: Transformer, batch: int):
+        self.batch = batch
+        self.compiled = torch.compile(model.body, dynamic=False, options={"freezing": True})
+
+    def __call__(self, idx: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        n = idx.shape[0]
+        pad = self.batch - n
+        if pad > 0:
+            idx = torch.cat([idx, idx[-1:].expand(pad, -1)])
+            labels = torch.cat([labels, labels[-1:].expand(pad)]) if labels is not None else None
+        return self.compiled(idx, labels)[:n]
+
+
+def pass_size(model: Transformer) -> int | None:
+    """Images per transformer pass of a sampling step: on a CPU as many as keep about
+    `CPU_ROWS_PER_PASS` token rows in flight (at least one), elsewhere the whole batch (None)."""
+    if next(model.parameters()).device.type != "cpu":
+        return None
+    return max(1, CPU_ROWS_PER_PASS // model.cfg.n_tokens)
 
 
 def make_predictor(model: Transformer, labels: torch.Tensor | None, shape: tuple[int, int],
-                   stride: int = 1, guidance: Guidance | None = None) -> Predict:
+                   stride: int = 1, guidance: Guidance | None = None, body: CompiledBody | None = None) -> Predict:
     """The plain predictor on the training grid, a window mixture on a larger `shape`; with `guidance`,
     either one over the doubled batch (labels, then NO_CLASS) inside the guided predictor, so every
-    window pass serves both branches and the mixtures are guided."""
+    window pass serves both branches and the mixtures are guided. `body`: the compiled transformer body."""
     if guidance is not None:
         check_guided_labels(labels)
         labels = both_branches(labels)
-    base: Predict = TransformerPredictor(model, labels)
+    base: Predict = TransformerPredictor(model, labels, pass_size(model), body)
     if tuple(shape) != tuple(model.cfg.grid):
         base = WindowPredictor(base, shape, model.cfg.grid, stride)
     return GuidedPredictor(base, guidance) if guidance is not None else base
@@ -116,8 +173,8 @@ class Sampler:
     schedule: Schedule
     guidance: Guidance | None = None
 
-    def predictor(self, model: Transformer, labels: torch.Tensor | None) -> Predict:
-        return make_predictor(model, labels, self.shape, self.settings.stride, self.guidance)
+    def predictor(self, model: Transformer, labels: torch.Tensor | None, body: CompiledBody | None = None) -> Predict:
+        return make_predictor(model, labels, self.shape, self.settings.stride, self.guidance, body)
 
     def calls(self, n_masked: int | None = None) -> int:
         """Progress units of one batch: predictor calls (absorbing; fewer when only `n_masked` of the
@@ -246,7 +303,7 @@ def total_work(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler) -
 
 
 def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler, labels: torch.Tensor | None = None,
-                  progress: Progress | None = None) -> torch.Tensor:
+                  progress: Progress | None = None, compile: bool = False) -> torch.Tensor:
     """Draw `n` token grids (n, H, W) int64 (on CPU) from the prior, `settings.batch_size` at a time.
 
     `settings` may be a Sampler made from them for this prior (it is not checked again). `labels` (n,)
@@ -254,7 +311,8 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
     token). Randomness comes only from a generator seeded with `settings.seed`, so the same settings
     (batch size included) give the same tokens. Both priors run in the caller's precision: fp32, or
     the autocast region a stage opens (vqtool.precision); logits are sampled in fp32. With guidance
-    (`settings.guidance` > 0) every label must be a class, not NO_CLASS.
+    (`settings.guidance` > 0) every label must be a class, not NO_CLASS. `compile` (absorbing prior)
+    runs the transformer's body through torch.compile (CompiledBody), compiled on the first step.
     """
     if n < 1:
         raise VqtoolError(f"--n must be at least 1 (got {n})")
@@ -265,6 +323,12 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
     model = prior.model
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
+    body = None
+    if compile:
+        if prior.kind != "absorbing":
+            raise VqtoolError("--compile applies to the absorbing prior (this one is autoregressive)")
+        rows = settings.batch_size * (2 if sampler.guidance is not None else 1)
+        body = CompiledBody(model, pass_size(model) or rows)
 
     def draw_batch(b: int, batch_labels: torch.Tensor | None, tick: Callable[[], None]) -> torch.Tensor:
         if prior.kind == "autoregressive":
@@ -274,7 +338,7 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
                                          use_cache=settings.use_cache, on_token=tick, guidance=sampler.guidance)
         mask_id = model.cfg.mask_id
         tokens = torch.full((b, sampler.shape[0] * sampler.shape[1]), mask_id, dtype=torch.long, device=device)
-        return reveal(sampler.predictor(model, batch_labels), tokens, mask_id, sampler.schedule, settings.steps,
+        return reveal(sampler.predictor(model, batch_labels, body), tokens, mask_id, sampler.schedule, settings.steps,
                       sampler.draw, generator, tick)
 
     grids = in_batches(model, n, settings.batch_size, labels, sampler.work(n), progress, draw_batch)
@@ -398,6 +462,7 @@ def sample_images(
     progress: Progress | None = None,
     grid_max: int = 64,
     precision: str = "auto",
+    compile: bool = False,
 ) -> SampleResult:
     """The `sample` stage: n images from the prior through the VQ decoder, as PNGs + samples.safetensors.
 
@@ -405,7 +470,7 @@ def sample_images(
     out_dir/samples.safetensors. They are written into a staging folder beside out_dir that replaces
     it at the end, so a run that fails (a full disk, Ctrl-C) leaves the previous outputs intact.
     Files in an old out_dir that `sample` does not write are carried over. Both priors and the decoder
-    run in `precision` (vqtool.precision; int8 quantization runs fp32 on CPU).
+    run in `precision` (vqtool.precision; int8 quantization runs fp32 on CPU). `compile`: see sample_tokens.
     """
     from vqtool.device import resolve_device
     from vqtool.grids import save_grid, save_png
@@ -433,7 +498,7 @@ def sample_images(
 
         start = time.perf_counter()
         with autocast(dev, chosen):
-            tokens = sample_tokens(prior, n, sampler, labels, progress)
+            tokens = sample_tokens(prior, n, sampler, labels, progress, compile=compile)
         seconds = time.perf_counter() - start
 
         digits = max(4, len(str(n - 1)))

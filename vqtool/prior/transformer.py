@@ -14,6 +14,7 @@ model add one position at a time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -207,23 +208,31 @@ class Transformer(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
-    def hidden_at(self, idx: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    def hidden_at(self, idx: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor,
+                  body: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, k, d) at token `positions` (B, k) of a bidirectional model.
 
         Equals `trunk(idx, labels)` gathered at those positions, but the last block runs its queries,
         projection and MLP only there: a sampling step of the absorbing prior needs a few positions.
+        `body` stands in for `self.body` (a compiled one).
         """
         if self.cfg.causal:
             raise ValueError("hidden_at is for the bidirectional (absorbing) transformer")
         rows = positions + (1 if self.cfg.has_prefix else 0)
+        x = (body or self.body)(idx, labels)
         if 2 * positions.shape[1] >= idx.shape[1]:
-            # Most positions asked for: the full trunk is as cheap.
-            hidden = self.trunk(idx, labels)
+            # Most positions asked for: the whole last block is as cheap.
+            hidden = self.ln_f(self.blocks[-1](x))
             return hidden.gather(1, rows.unsqueeze(-1).expand(*rows.shape, hidden.shape[-1]))
+        return self.ln_f(self.blocks[-1].at(x, rows))
+
+    def body(self, idx: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, L', d) before the last block: the part of `hidden_at` that runs at every
+        position, with one shape at every sampling step (what a compiled sampler compiles)."""
         x = self.drop(self.embed(idx, labels))
         for block in self.blocks[:-1]:
             x = block(x)
-        return self.ln_f(self.blocks[-1].at(x, rows))
+        return x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
