@@ -106,7 +106,7 @@ def prior_train_paths(seed: int) -> list[Timed]:
                                                                      count_flops(task.train_step), 1)]
 
 
-def sampling_paths(seed: int, n: int, steps: int) -> list[Timed]:
+def sampling_paths(seed: int, n: int, steps: int, compile: bool = False) -> list[Timed]:
     torch.manual_seed(seed)
     model = Transformer(prior_config()).eval()
     int8 = quantize_int8(model)
@@ -116,16 +116,25 @@ def sampling_paths(seed: int, n: int, steps: int) -> list[Timed]:
     def reference(k: int = n):
         return reference_sample(model, k, steps, 1.0, torch.Generator().manual_seed(seed))
 
-    def vqtool(k: int = n):
-        return sample_tokens(fp32, k, SampleSettings(steps=steps, batch_size=k, seed=seed))
+    def vqtool(k: int = n, compiled: bool = False):
+        return sample_tokens(fp32, k, SampleSettings(steps=steps, batch_size=k, seed=seed), compile=compiled)
 
     # FLOPs grow linearly with the batch: counted on 2 images, scaled to n.
     scale = n / 2
     # Counting runs each sampler once on 2 images, which also warms it up.
-    return [Timed("official code", reference, count_flops(lambda: reference(2)) * scale, n, warm_up=False),
-            Timed("vqtool fp32", vqtool, count_flops(lambda: vqtool(2)) * scale, n, warm_up=False),
-            Timed("vqtool int8", lambda: sample_tokens(LoadedPrior(int8, "absorbing", {}, None), n, settings),
-                  None, n, warm_up=False)]
+    paths = [Timed("official code", reference, count_flops(lambda: reference(2)) * scale, n, warm_up=False),
+             Timed("vqtool fp32", vqtool, count_flops(lambda: vqtool(2)) * scale, n, warm_up=False),
+             Timed("vqtool int8", lambda: sample_tokens(LoadedPrior(int8, "absorbing", {}, None), n, settings),
+                   None, n, warm_up=False)]
+    if compile:
+        # Every sample_tokens call compiles anew (from inductor's cache after the first): its time is part of
+        # the path's, as a `vqtool sample --compile` run pays it once.
+        clock = Clock()
+        vqtool(n, compiled=True)
+        print(f"   (the first compiled sampling run took {clock.read()[0]:.0f} s, compiling included)", flush=True)
+        paths.append(Timed("vqtool fp32 --compile", lambda: vqtool(n, compiled=True), paths[1].flops, n,
+                           warm_up=False))
+    return paths
 
 
 def cifar_configs() -> tuple[VQConfig, TrainVQConfig]:
@@ -304,7 +313,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--encode-batch", type=int, default=64)
-    ap.add_argument("--compile", action="store_true", help="also time the compiled encoder (compiles first)")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled encoder and sampler "
+                                                           "(compiles first)")
     ap.add_argument("--sections", action="store_true", help="print where a VQGAN step's time goes")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -322,7 +332,7 @@ def main() -> None:
             "prior-train": ("absorbing prior train step, `bench` config, batch 16",
                             lambda: prior_train_paths(args.seed), "s/step"),
             "sampling": (f"absorbing sampling, {args.samples} images × {args.sample_steps} steps",
-                         lambda: sampling_paths(args.seed, args.samples, args.sample_steps), "s"),
+                         lambda: sampling_paths(args.seed, args.samples, args.sample_steps, args.compile), "s"),
             "vqgan": ("VQGAN generator + discriminator step, cifar10-32, 3-layer disc, batch 16",
                       lambda: vqgan_paths(work, args.seed), "s/step"),
             "encode": (f"encode, cifar10-32 VQ, batch {args.encode_batch}",

@@ -321,6 +321,32 @@ def test_sample_tokens_is_seeded_and_batched():
     assert calls[-1] == (12, 12) == (total_work(prior, 5, settings),) * 2  # 3 batches × 4 steps
 
 
+def test_compiled_body_always_sees_one_batch_shape_and_samples_the_same_tokens(monkeypatch):
+    """sample_tokens(compile=True) with a stand-in for torch.compile (real compilation takes a minute or more):
+    every pass of every step, the padded last chunk and the one-row first step, sees the pass size."""
+    import vqtool.prior.sample as sample
+
+    monkeypatch.setattr(sample, "CPU_ROWS_PER_PASS", 32)  # 2 images of 4×4 tokens per pass
+    shapes = []
+
+    def fake_compile(fn, **options):
+        assert options == {"dynamic": False, "options": {"freezing": True}}
+        return lambda idx, labels: shapes.append(tuple(idx.shape)) or fn(idx, labels)
+
+    monkeypatch.setattr(sample.torch, "compile", fake_compile)
+    for kw, settings in (({}, SampleSettings(steps=4, batch_size=3, seed=1)),
+                         ({"n_classes": 3}, SampleSettings(steps=3, batch_size=2, guidance=1.5, seed=2))):
+        prior = tiny_prior(**kw)
+        labels = torch.tensor([0, 2, 1, 1, 0]) if kw else None
+        want = sample_tokens(prior, 5, settings, labels)
+        shapes.clear()
+        got = sample_tokens(prior, 5, settings, labels, compile=True)
+        assert torch.equal(got, want)
+        assert shapes and set(shapes) == {(2, 16)}  # token ids; the prefix is added inside
+    with pytest.raises(VqtoolError, match="--compile applies to the absorbing prior"):
+        sample_tokens(tiny_prior(causal=True), 2, SampleSettings(), compile=True)
+
+
 def test_sample_tokens_with_explicit_training_shape_equals_default():
     prior = tiny_prior()
     a = sample_tokens(prior, 2, SampleSettings(steps=3))

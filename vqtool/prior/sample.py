@@ -119,9 +119,10 @@ class CompiledBody:
     copies of its last row (each row is computed on its own, so the padding changes nothing) and cut
     off after. The body is the same shape at every step, so it compiles once per sampling run."""
 
-    def __init__(self, model: Transformer, batch: int):
+    def __init__(self, model: Transformer, batch: int,
+                 compiled: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None):
         self.batch = batch
-        self.compiled = torch.compile(model.body, dynamic=False, options={"freezing": True})
+        self.compiled = compiled or torch.compile(model.body, dynamic=False, options={"freezing": True})
 
     def __call__(self, idx: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         n = idx.shape[0]
