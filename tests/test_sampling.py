@@ -107,12 +107,37 @@ def test_predictor_in_chunks_and_on_alike_rows_equals_the_full_forward(n_classes
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_classes", [0, 3])
+def test_predictor_kept_first_projections_follow_the_tokens(n_classes):
+    """One predictor over a whole reverse process (a few tokens change per call, the kept first-block
+    projections are updated there only), then over unrelated grids: always the full forward's logits."""
+    model = tiny_model(n_classes=n_classes)
+    g = torch.Generator().manual_seed(3)
+    B = 4
+    labels = torch.tensor([2, 0, -1, 1]) if n_classes else None
+    predict = TransformerPredictor(model, labels, chunk=3)
+    tokens = torch.full((B, 16), V)
+    order = torch.stack([torch.randperm(16, generator=g) for _ in range(B)])
+    states = []
+    for step in range(4):
+        positions = order[:, 4 * step:4 * step + 4]
+        states.append((tokens.clone(), positions))
+        tokens.scatter_(1, positions, torch.randint(0, V, (B, 4), generator=g))
+    states += [(torch.randint(0, V + 1, (B, 16), generator=g), order[:, :2]) for _ in range(2)]
+    for tokens, positions in states:
+        with torch.no_grad():
+            want = model(tokens, labels)
+            got = predict(tokens, positions)
+        torch.testing.assert_close(got, want.gather(1, positions.unsqueeze(-1).expand(-1, -1, V)),
+                                   atol=1e-4, rtol=1e-5)
+
+
 def test_alike_rows_run_as_one_row_and_different_labels_do_not():
     model = tiny_model(n_classes=3)
     seen = []
     hidden_at = model.hidden_at
-    model.hidden_at = lambda tokens, labels, positions, body=None: seen.append(tokens.shape[0]) or hidden_at(
-        tokens, labels, positions, body)
+    model.hidden_at = lambda tokens, labels, positions, *rest: seen.append(tokens.shape[0]) or hidden_at(
+        tokens, labels, positions, *rest)
     tokens, positions = torch.full((4, 16), V), torch.arange(8).reshape(4, 2)
     with torch.no_grad():
         TransformerPredictor(model, torch.full((4,), 2))(tokens, positions)
@@ -331,7 +356,7 @@ def test_compiled_body_always_sees_one_batch_shape_and_samples_the_same_tokens(m
 
     def fake_compile(fn, **options):
         assert options == {"dynamic": False, "options": {"freezing": True}}
-        return lambda idx, labels: shapes.append(tuple(idx.shape)) or fn(idx, labels)
+        return lambda idx, labels, first: shapes.append(tuple(idx.shape)) or fn(idx, labels, first)
 
     monkeypatch.setattr(sample.torch, "compile", fake_compile)
     for kw, settings in (({}, SampleSettings(steps=4, batch_size=3, seed=1)),

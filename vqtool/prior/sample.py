@@ -92,25 +92,54 @@ class TransformerPredictor:
         self.labels = labels
         self.chunk = body.batch if body is not None else chunk
         self.body = body
+        self.first = FirstProjections(model, labels) if model.cfg.n_layer >= 2 else None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         B, k = positions.shape
+        first = self.first(tokens) if self.first is not None else None
         if B > 1 and self._rows_alike(tokens):
-            labels = self.labels[:1] if self.labels is not None else None
-            return self._logits(tokens[:1], labels, positions.reshape(1, B * k)).reshape(B, k, -1)
+            return self._logits(slice(0, 1), tokens, first, positions.reshape(1, B * k)).reshape(B, k, -1)
         step = self.chunk or B
         if step >= B:
-            return self._logits(tokens, self.labels, positions)
-        return torch.cat([self._logits(tokens[i:i + step], self.labels[i:i + step] if self.labels is not None
-                                       else None, positions[i:i + step]) for i in range(0, B, step)])
+            return self._logits(slice(None), tokens, first, positions)
+        return torch.cat([self._logits(slice(i, i + step), tokens, first, positions[i:i + step])
+                          for i in range(0, B, step)])
 
-    def _logits(self, tokens: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.hidden_at(tokens, labels, positions, self.body)).float()
+    def _logits(self, rows: slice, tokens: torch.Tensor, first: torch.Tensor | None,
+                positions: torch.Tensor) -> torch.Tensor:
+        labels = self.labels[rows] if self.labels is not None else None
+        first = first[rows] if first is not None else None
+        return self.model.head(self.model.hidden_at(tokens[rows], labels, positions, self.body, first)).float()
 
     def _rows_alike(self, tokens: torch.Tensor) -> bool:
         if self.labels is not None and bool((self.labels != self.labels[0]).any()):
             return False
         return bool((tokens == tokens[:1]).all())
+
+
+class FirstProjections:
+    """The first block's `projections` of a batch's token embeddings, kept from call to call: a row
+    depends only on its token and position (the prefix row on the label), and a sampling step changes
+    a few tokens, so only those rows are projected again."""
+
+    def __init__(self, model: Transformer, labels: torch.Tensor | None):
+        self.model = model
+        self.labels = labels
+        self.tokens: torch.Tensor | None = None
+        self.qkv = torch.empty(0)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L', 3C) for `tokens` (B, N)."""
+        m, first = self.model, self.model.blocks[0]
+        if self.tokens is None or self.tokens.shape != tokens.shape:
+            self.qkv = first.projections(m.embed(tokens, self.labels))
+        else:
+            row, col = (tokens != self.tokens).nonzero(as_tuple=True)
+            if len(row):
+                x = m.tok_emb(tokens[row, col]) + m.position_table()[col]
+                self.qkv[row, col + (1 if m.cfg.has_prefix else 0)] = first.projections(x)
+        self.tokens = tokens.clone()
+        return self.qkv
 
 
 class CompiledBody:
@@ -119,18 +148,18 @@ class CompiledBody:
     copies of its last row (each row is computed on its own, so the padding changes nothing) and cut
     off after. The body is the same shape at every step, so it compiles once per sampling run."""
 
-    def __init__(self, model: Transformer, batch: int,
-                 compiled: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None):
+    def __init__(self, model: Transformer, batch: int, compiled: Callable[..., torch.Tensor] | None = None):
         self.batch = batch
         self.compiled = compiled or torch.compile(model.body, dynamic=False, options={"freezing": True})
 
-    def __call__(self, idx: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, labels: torch.Tensor | None,
+                 first: torch.Tensor | None = None) -> torch.Tensor:
         n = idx.shape[0]
         pad = self.batch - n
         if pad > 0:
-            idx = torch.cat([idx, idx[-1:].expand(pad, -1)])
-            labels = torch.cat([labels, labels[-1:].expand(pad)]) if labels is not None else None
-        return self.compiled(idx, labels)[:n]
+            idx, labels, first = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) if t is not None else None
+                                  for t in (idx, labels, first))
+        return self.compiled(idx, labels, first)[:n]
 
 
 def pass_size(model: Transformer) -> int | None:
