@@ -317,7 +317,8 @@ STEP_PARTS = {
     "embedding, gathers, scatters": ("aten::index_select", "aten::gather", "aten::index", "aten::index_put_",
                                      "aten::scatter_", "aten::cat", "aten::nonzero", "aten::embedding"),
     "the draw (softmax, multinomial)": ("aten::_softmax", "aten::_log_softmax", "aten::multinomial", "aten::exp",
-                                        "aten::div", "aten::cumsum", "aten::uniform_", "aten::lt", "aten::topk"),
+                                        "aten::div", "aten::cumsum", "aten::uniform_", "aten::lt", "aten::topk",
+                                        "aten::exponential_", "aten::argmax", "aten::aminmax"),
 }
 
 

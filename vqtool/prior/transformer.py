@@ -110,8 +110,14 @@ class SelfAttention(nn.Module):
         """
         B, L, C = x.shape
         k = rows.shape[1]
-        q, key, value = self.qkv(x).split(C, dim=2)
-        q = q.gather(1, rows.unsqueeze(-1).expand(B, k, C))
+        if isinstance(self.qkv, nn.Linear):
+            # Queries at the rows only: the query third of the projection's weight on k rows, not on L.
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x.gather(1, rows.unsqueeze(-1).expand(B, k, C)), w[:C], None if b is None else b[:C])
+            key, value = F.linear(x, w[C:], None if b is None else b[C:]).split(C, dim=2)
+        else:  # a quantized projection (int8 sampling) is one packed matmul
+            q, key, value = self.qkv(x).split(C, dim=2)
+            q = q.gather(1, rows.unsqueeze(-1).expand(B, k, C))
         q, key, value = (t.reshape(B, t.shape[1], self.n_head, C // self.n_head).transpose(1, 2)
                          for t in (q, key, value))
         y = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout if self.training else 0.0)
