@@ -82,11 +82,12 @@ class TransformerPredictor:
     It runs in the caller's precision, as the autoregressive sampler does (the stage's autocast region,
     vqtool.precision), and hands fp32 logits to the sampler.
 
-    Two ways to do the same work faster, each within float rounding of one pass over the whole batch:
-    `chunk` images go through the transformer at a time (None: all at once), so that on a CPU a pass's
-    activations stay in the cache and the memory-bound LayerNorms, GELUs and bias adds run from it;
-    and a batch whose rows are all the same (an unconditional prior's all-MASK grid at the first step)
-    runs as one row, the positions of every row asked of it.
+    Three ways to do the same work faster, each within float rounding of one pass over the whole batch:
+    the first block's projections are kept from call to call (FirstProjections); `chunk` images go
+    through the transformer at a time (None: all at once), so that on a CPU a pass's activations stay in
+    the cache and the memory-bound LayerNorms, GELUs and bias adds run from it (pass_size); and a batch
+    whose rows are all the same (an unconditional prior's all-MASK grid at the first step) runs as one
+    row, the positions of every row asked of it. `body` (CompiledBody) replaces the eager body.
     """
 
     def __init__(self, model: Transformer, labels: torch.Tensor | None = None, chunk: int | None = None,
@@ -169,7 +170,7 @@ def pass_size(model: Transformer) -> int | None:
     """Images per transformer pass of a sampling step: on a CPU running torch on one thread as many as
     keep about `CPU_ROWS_PER_PASS` token rows in flight (at least one), else the whole batch (None).
 
-    Measured on the `bench` config, 16 images: one thread, 2 images a pass 6 % faster than 16; two
+    Measured on the `bench` config, 16 images: one thread, 2 images a pass 6–10 % faster than 16; two
     threads on cores busy with other jobs, 3.6× slower (every op's thread hand-off waits for a core,
     and smaller passes make 8× as many ops)."""
     if next(model.parameters()).device.type != "cpu" or torch.get_num_threads() > 1:
