@@ -37,13 +37,19 @@ def reference_sample(model: Transformer, n: int, steps: int, temperature: float,
     unmasked = torch.zeros_like(x, dtype=torch.bool)
     with torch.inference_mode():
         for t in range(steps, 0, -1):
-            changes = torch.rand(x.shape, generator=generator) < 1.0 / t
-            changes &= ~unmasked
-            unmasked |= changes
-            probs = (model(x) / temperature).softmax(-1)
-            draw = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(x.shape)
-            x[changes] = draw[changes]
+            reference_step(model, x, unmasked, t, temperature, generator)
     return x
+
+
+def reference_step(model: Transformer, x: torch.Tensor, unmasked: torch.Tensor, t: int, temperature: float,
+                   generator: torch.Generator) -> None:
+    """One step of the paper's sampler at time t, on `x` and `unmasked` in place."""
+    changes = torch.rand(x.shape, generator=generator) < 1.0 / t
+    changes &= ~unmasked
+    unmasked |= changes
+    probs = (model(x) / temperature).softmax(-1)
+    draw = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(x.shape)
+    x[changes] = draw[changes]
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:

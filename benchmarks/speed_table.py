@@ -23,6 +23,7 @@ time leaves out the time spent waiting for a core other jobs hold: the steadier 
     python benchmarks/speed_table.py --threads 1                       # every row (≈ 30 min, 2 busy cores)
     python benchmarks/speed_table.py --rows vqgan encode --rounds 7 --compile
     python benchmarks/speed_table.py --rows vqgan --sections           # where a VQGAN step's time goes
+    python benchmarks/speed_table.py --rows sampling --sections        # and a sampling step's
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def prior_train_paths(seed: int) -> list[Timed]:
                                                                      count_flops(task.train_step), 1)]
 
 
-def sampling_paths(seed: int, n: int, steps: int) -> list[Timed]:
+def sampling_paths(seed: int, n: int, steps: int, compile: bool = False) -> list[Timed]:
     torch.manual_seed(seed)
     model = Transformer(prior_config()).eval()
     int8 = quantize_int8(model)
@@ -116,16 +117,25 @@ def sampling_paths(seed: int, n: int, steps: int) -> list[Timed]:
     def reference(k: int = n):
         return reference_sample(model, k, steps, 1.0, torch.Generator().manual_seed(seed))
 
-    def vqtool(k: int = n):
-        return sample_tokens(fp32, k, SampleSettings(steps=steps, batch_size=k, seed=seed))
+    def vqtool(k: int = n, compiled: bool = False):
+        return sample_tokens(fp32, k, SampleSettings(steps=steps, batch_size=k, seed=seed), compile=compiled)
 
     # FLOPs grow linearly with the batch: counted on 2 images, scaled to n.
     scale = n / 2
     # Counting runs each sampler once on 2 images, which also warms it up.
-    return [Timed("official code", reference, count_flops(lambda: reference(2)) * scale, n, warm_up=False),
-            Timed("vqtool fp32", vqtool, count_flops(lambda: vqtool(2)) * scale, n, warm_up=False),
-            Timed("vqtool int8", lambda: sample_tokens(LoadedPrior(int8, "absorbing", {}, None), n, settings),
-                  None, n, warm_up=False)]
+    paths = [Timed("official code", reference, count_flops(lambda: reference(2)) * scale, n, warm_up=False),
+             Timed("vqtool fp32", vqtool, count_flops(lambda: vqtool(2)) * scale, n, warm_up=False),
+             Timed("vqtool int8", lambda: sample_tokens(LoadedPrior(int8, "absorbing", {}, None), n, settings),
+                   None, n, warm_up=False)]
+    if compile:
+        # Every sample_tokens call compiles anew (from inductor's cache after the first): its time is part of
+        # the path's, as a `vqtool sample --compile` run pays it once.
+        clock = Clock()
+        vqtool(n, compiled=True)
+        print(f"   (the first compiled sampling run took {clock.read()[0]:.0f} s, compiling included)", flush=True)
+        paths.append(Timed("vqtool fp32 --compile", lambda: vqtool(n, compiled=True), paths[1].flops, n,
+                           warm_up=False))
+    return paths
 
 
 def cifar_configs() -> tuple[VQConfig, TrainVQConfig]:
@@ -294,6 +304,82 @@ def vqgan_sections(work: Path, rounds: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Where a sampling step's time goes
+
+# Profiler op names → the part of a step they are (self time; anything else counts as "other ops").
+STEP_PARTS = {
+    "matmuls (Linear, head)": ("aten::addmm", "aten::mm", "aten::bmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "bias and layout copies": ("aten::copy_", "aten::clone"),
+    "GELU": ("aten::gelu",),
+    "LayerNorm": ("aten::native_layer_norm",),
+    "residual adds": ("aten::add", "aten::add_"),
+    "embedding, gathers, scatters": ("aten::index_select", "aten::gather", "aten::index", "aten::index_put_",
+                                     "aten::scatter_", "aten::cat", "aten::nonzero", "aten::embedding"),
+    "the draw (softmax, multinomial)": ("aten::_softmax", "aten::_log_softmax", "aten::multinomial", "aten::exp",
+                                        "aten::div", "aten::cumsum", "aten::uniform_", "aten::lt", "aten::topk",
+                                        "aten::exponential_", "aten::argmax", "aten::aminmax"),
+}
+
+
+def sampling_sections(seed: int, n: int, steps: int, rounds: int) -> None:
+    """CPU time of one sampling step by part (torch.profiler self times, medians over `rounds` steps), for
+    the paper's step (prior_sampling.reference_step) and vqtool's (RandomSchedule.step over the predictor
+    `sample_tokens` uses), both half way through a `steps`-step run; "Python and dispatch" is the step's
+    time minus its ops'."""
+    from collections import defaultdict
+
+    from prior_sampling import reference_step
+    from torch.profiler import ProfilerActivity, profile
+
+    from vqtool.prior.logits import Draw
+    from vqtool.prior.sample import make_predictor
+    from vqtool.prior.schedules import RandomSchedule
+
+    torch.manual_seed(seed)
+    model = Transformer(prior_config()).eval()
+    cfg, g = model.cfg, torch.Generator().manual_seed(seed)
+    N, t = cfg.n_tokens, steps // 2
+    k = N // steps
+    half = torch.rand(n, N, generator=g) < 0.5
+    start = torch.randint(0, cfg.vocab_size, (n, N), generator=g).masked_fill(half, cfg.mask_id)
+    predictor = make_predictor(model, None, cfg.grid)
+    schedule, draw = RandomSchedule(), Draw()
+
+    def ours():
+        tokens = start.clone()
+        schedule.step(predictor, tokens, tokens == cfg.mask_id, k, 0.5, draw, g)
+
+    def reference():
+        reference_step(model, start.clone(), start != cfg.mask_id, t, 1.0, g)
+
+    times: dict[str, dict[str, list[float]]] = {"official code": defaultdict(list), "vqtool": defaultdict(list)}
+    with torch.inference_mode():
+        for label, fn in (("official code", reference), ("vqtool", ours)) * (rounds + 1):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                clock = Clock()
+                fn()
+                wall = clock.read()[0]
+            parts: dict[str, float] = defaultdict(float)
+            for event in prof.key_averages():
+                part = next((p for p, names in STEP_PARTS.items() if event.key in names), "other ops")
+                parts[part] += event.self_cpu_time_total / 1e6
+            parts["Python and dispatch"] = wall - sum(parts.values())
+            for part, seconds in parts.items():
+                times[label][part].append(seconds)
+    med = {label: {p: statistics.median(v[1:]) for p, v in parts.items()} for label, parts in times.items()}
+    ref, fast = med["official code"], med["vqtool"]
+    total_ref, total_fast = sum(ref.values()), sum(fast.values())
+    print(f"\n== where a sampling step's time goes (wall ms of one step half way, {n} images, {k} tokens revealed; "
+          f"torch.profiler self times, medians of {rounds})")
+    print("| part | official code | % | vqtool | % |\n|---|---|---|---|---|")
+    for part in [*STEP_PARTS, "other ops", "Python and dispatch"]:
+        a, b = ref.get(part, 0.0), fast.get(part, 0.0)
+        print(f"| {part} | {1e3 * a:.0f} | {100 * a / total_ref:.0f}% | {1e3 * b:.0f} | {100 * b / total_fast:.0f}% |")
+    print(f"| total | {1e3 * total_ref:.0f} | | {1e3 * total_fast:.0f} | {total_ref / total_fast:.2f}× |")
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -304,8 +390,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--sample-steps", type=int, default=50)
     ap.add_argument("--encode-batch", type=int, default=64)
-    ap.add_argument("--compile", action="store_true", help="also time the compiled encoder (compiles first)")
-    ap.add_argument("--sections", action="store_true", help="print where a VQGAN step's time goes")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled encoder and sampler "
+                                                           "(compiles first)")
+    ap.add_argument("--sections", action="store_true", help="print where a VQGAN step's (and a sampling "
+                                                            "step's) time goes")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
@@ -322,7 +410,7 @@ def main() -> None:
             "prior-train": ("absorbing prior train step, `bench` config, batch 16",
                             lambda: prior_train_paths(args.seed), "s/step"),
             "sampling": (f"absorbing sampling, {args.samples} images × {args.sample_steps} steps",
-                         lambda: sampling_paths(args.seed, args.samples, args.sample_steps), "s"),
+                         lambda: sampling_paths(args.seed, args.samples, args.sample_steps, args.compile), "s"),
             "vqgan": ("VQGAN generator + discriminator step, cifar10-32, 3-layer disc, batch 16",
                       lambda: vqgan_paths(work, args.seed), "s/step"),
             "encode": (f"encode, cifar10-32 VQ, batch {args.encode_batch}",
@@ -338,8 +426,10 @@ def main() -> None:
                 print(f"   {p.label:18s} wall {' / '.join(f'{t:.3g}' for t in p.wall)} s, CPU "
                       f"{' / '.join(f'{t:.3g}' for t in p.cpu)} s, matmul after it {peaks} GFLOP/s (wall)", flush=True)
             rows.append((title, unit, paths))
-        if args.sections:
+        if args.sections and "vqgan" in args.rows:
             vqgan_sections(work, max(args.rounds, 5))
+        if args.sections and "sampling" in args.rows:
+            sampling_sections(args.seed, args.samples, args.sample_steps, max(args.rounds, 5))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nload average {load:.1f} at the end; medians of {args.rounds} alternating rounds\n")
     print("| work | path | wall / CPU time | ratio (wall) | ratio (CPU time) | % of fp32 matmul peak (wall / CPU) |")

@@ -86,6 +86,66 @@ def test_hidden_at_equals_full_trunk(n_classes):
                                        atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_classes", [0, 3])
+def test_predictor_in_chunks_and_on_alike_rows_equals_the_full_forward(n_classes):
+    model = tiny_model(n_classes=n_classes)
+    g = torch.Generator().manual_seed(2)
+    B = 5
+    labels = torch.tensor([0, 2, 1, -1, 2]) if n_classes else None
+    mixed = torch.randint(0, V + 1, (B, 16), generator=g)
+    alike = torch.randint(0, V + 1, (1, 16), generator=g).expand(B, -1).clone()
+    same_label = torch.full((B,), 1) if n_classes else None
+    for tokens, rows_labels in ((mixed, labels), (alike, labels), (alike, same_label), (torch.full((B, 16), V), None)):
+        with torch.no_grad():
+            logits = model(tokens, rows_labels)
+        for k in (1, 3, 12):
+            positions = torch.stack([torch.randperm(16, generator=g)[:k] for _ in range(B)])
+            want = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, V))
+            for chunk in (None, 1, 2, 5, 8):
+                with torch.no_grad():
+                    got = TransformerPredictor(model, rows_labels, chunk=chunk)(tokens, positions)
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_classes", [0, 3])
+def test_predictor_kept_first_projections_follow_the_tokens(n_classes):
+    """One predictor over a whole reverse process (a few tokens change per call, the kept first-block
+    projections are updated there only), then over unrelated grids: always the full forward's logits."""
+    model = tiny_model(n_classes=n_classes)
+    g = torch.Generator().manual_seed(3)
+    B = 4
+    labels = torch.tensor([2, 0, -1, 1]) if n_classes else None
+    predict = TransformerPredictor(model, labels, chunk=3)
+    tokens = torch.full((B, 16), V)
+    order = torch.stack([torch.randperm(16, generator=g) for _ in range(B)])
+    states = []
+    for step in range(4):
+        positions = order[:, 4 * step:4 * step + 4]
+        states.append((tokens.clone(), positions))
+        tokens.scatter_(1, positions, torch.randint(0, V, (B, 4), generator=g))
+    states += [(torch.randint(0, V + 1, (B, 16), generator=g), order[:, :2]) for _ in range(2)]
+    for tokens, positions in states:
+        with torch.no_grad():
+            want = model(tokens, labels)
+            got = predict(tokens, positions)
+        torch.testing.assert_close(got, want.gather(1, positions.unsqueeze(-1).expand(-1, -1, V)),
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_alike_rows_run_as_one_row_and_different_labels_do_not():
+    model = tiny_model(n_classes=3)
+    seen = []
+    hidden_at = model.hidden_at
+    model.hidden_at = lambda tokens, labels, positions, *rest: seen.append(tokens.shape[0]) or hidden_at(
+        tokens, labels, positions, *rest)
+    tokens, positions = torch.full((4, 16), V), torch.arange(8).reshape(4, 2)
+    with torch.no_grad():
+        TransformerPredictor(model, torch.full((4,), 2))(tokens, positions)
+        TransformerPredictor(model, torch.tensor([2, 2, 1, 2]))(tokens, positions)
+        TransformerPredictor(model, torch.tensor([2, 2, 1, 2]), chunk=3)(tokens, positions)
+    assert seen == [1, 4, 3, 1]
+
+
 # --------------------------------------------------------------------------------------------------
 # Schedules
 
@@ -284,6 +344,32 @@ def test_sample_tokens_is_seeded_and_batched():
     calls = []
     sample_tokens(prior, 5, settings, progress=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (12, 12) == (total_work(prior, 5, settings),) * 2  # 3 batches × 4 steps
+
+
+def test_compiled_body_always_sees_one_batch_shape_and_samples_the_same_tokens(monkeypatch):
+    """sample_tokens(compile=True) with a stand-in for torch.compile (real compilation takes a minute or more):
+    every pass of every step, the padded last chunk and the one-row first step, sees the pass size."""
+    import vqtool.prior.sample as sample
+
+    monkeypatch.setattr(sample, "CPU_ROWS_PER_PASS", 32)  # 2 images of 4×4 tokens per pass
+    shapes = []
+
+    def fake_compile(fn, **options):
+        assert options == {"dynamic": False, "options": {"freezing": True}}
+        return lambda idx, labels, first: shapes.append(tuple(idx.shape)) or fn(idx, labels, first)
+
+    monkeypatch.setattr(sample.torch, "compile", fake_compile)
+    for kw, settings in (({}, SampleSettings(steps=4, batch_size=3, seed=1)),
+                         ({"n_classes": 3}, SampleSettings(steps=3, batch_size=2, guidance=1.5, seed=2))):
+        prior = tiny_prior(**kw)
+        labels = torch.tensor([0, 2, 1, 1, 0]) if kw else None
+        want = sample_tokens(prior, 5, settings, labels)
+        shapes.clear()
+        got = sample_tokens(prior, 5, settings, labels, compile=True)
+        assert torch.equal(got, want)
+        assert shapes and set(shapes) == {(2, 16)}  # token ids; the prefix is added inside
+    with pytest.raises(VqtoolError, match="--compile applies to the absorbing prior"):
+        sample_tokens(tiny_prior(causal=True), 2, SampleSettings(), compile=True)
 
 
 def test_sample_tokens_with_explicit_training_shape_equals_default():

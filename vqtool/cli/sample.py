@@ -38,6 +38,8 @@ def sample_command(
     class_: str = _Class,
     no_cache: bool = typer.Option(False, "--no-cache", help="Autoregressive prior: recompute instead of KV cache."),
     quantize: str = options.Quantize,
+    compile_: bool = typer.Option(False, "--compile", help="Absorbing prior: torch.compile the transformer "
+                                                          "(compiles first; pays for many images)."),
     prior: Path = options.Prior,
     vq: Path = options.VQ,
     out: Path = typer.Option(None, "--out", help="Output folder (default: RUN/samples)."),
@@ -54,13 +56,14 @@ def sample_command(
     with CallbackBar("sampling") as bar:
         r = sample_images(prior or paths.prior, vq or paths.vq, out or paths.samples, n, settings, class_id=class_,
                           device=common.device, quantize=quantize, overwrite=common.overwrite, progress=bar,
-                          precision=common.precision)
+                          precision=common.precision, compile=compile_)
     H, W = r.tokens.shape[1:]
     rows = [
         ("images", f"{len(r.images)} PNGs in {r.grid.parent}"),
         ("grid", r.grid),
         ("tokens", f"{r.artifact} ({len(r.tokens)} × {H}×{W})"),
-        ("settings", _describe(settings, r.prior_kind, H * W) + (", int8" if quantize == "int8" else "")),
+        ("settings", _describe(settings, r.prior_kind, H * W) + (", int8" if quantize == "int8" else "")
+                     + (", compiled" if compile_ else "")),
         ("sampling", f"{r.seconds:.1f} s, {r.images_per_second:.2f} images/s"),
         ("decoding", f"{r.decode_seconds:.1f} s"),
         ("precision", r.precision),

@@ -12,8 +12,11 @@ Speed. A sampling step of the absorbing prior needs logits only at the positions
 predictor runs the transformer's trunk and applies the output head at those positions only. It also
 runs the last block only where it matters: the last layer's attention needs keys and values of every
 position but queries, projection, MLP and final norm only at the asked positions
-(`Transformer.hidden_at`). Both give the same numbers as a full forward pass (tested).
-`quantize_int8` offers int8 dynamic quantization of the Linear layers for CPU inference.
+(`Transformer.hidden_at`). The predictor keeps the first block's projections from step to step
+(`FirstProjections`), runs alike rows once and, on one CPU thread, a few images per pass. All give the
+same numbers as a full forward pass within float rounding (tested). `CompiledBody` (`--compile`) runs
+the transformer up to its last block through torch.compile. `quantize_int8` offers int8 dynamic
+quantization of the Linear layers for CPU inference.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ Progress = Callable[[int, int], None]
 """progress(completed, total) in units of predictor calls (absorbing) or grid positions (autoregressive)."""
 
 QUANTIZE = ("none", "int8")
+
+# Token rows per transformer pass when sampling on one CPU thread: few enough that a pass's activations stay
+# in the cache (see TransformerPredictor, pass_size).
+CPU_ROWS_PER_PASS = 512
 
 # The files `sample` writes into its folder; anything else found there is kept when it is replaced.
 SAMPLE_OUTPUTS = matcher("sample-*.png", "grid.png", "samples.safetensors", ".*.tmp")
@@ -73,25 +80,113 @@ class TransformerPredictor:
     """`predict(tokens, positions)` of an absorbing prior on its training grid, head only where asked.
 
     It runs in the caller's precision, as the autoregressive sampler does (the stage's autocast region,
-    vqtool.precision), and hands fp32 logits to the sampler."""
+    vqtool.precision), and hands fp32 logits to the sampler.
 
-    def __init__(self, model: Transformer, labels: torch.Tensor | None = None):
+    Three ways to do the same work faster, each within float rounding of one pass over the whole batch:
+    the first block's projections are kept from call to call (FirstProjections); `chunk` images go
+    through the transformer at a time (None: all at once), so that on a CPU a pass's activations stay in
+    the cache and the memory-bound LayerNorms, GELUs and bias adds run from it (pass_size); and a batch
+    whose rows are all the same (an unconditional prior's all-MASK grid at the first step) runs as one
+    row, the positions of every row asked of it. `body` (CompiledBody) replaces the eager body.
+    """
+
+    def __init__(self, model: Transformer, labels: torch.Tensor | None = None, chunk: int | None = None,
+                 body: CompiledBody | None = None):
         self.model = model
         self.labels = labels
+        self.chunk = body.batch if body is not None else chunk
+        self.body = body
+        self.first = FirstProjections(model, labels) if model.cfg.n_layer >= 2 else None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.hidden_at(tokens, self.labels, positions)).float()
+        B, k = positions.shape
+        first = self.first(tokens) if self.first is not None else None
+        if B > 1 and self._rows_alike(tokens):
+            return self._logits(slice(0, 1), tokens, first, positions.reshape(1, B * k)).reshape(B, k, -1)
+        step = self.chunk or B
+        if step >= B:
+            return self._logits(slice(None), tokens, first, positions)
+        return torch.cat([self._logits(slice(i, i + step), tokens, first, positions[i:i + step])
+                          for i in range(0, B, step)])
+
+    def _logits(self, rows: slice, tokens: torch.Tensor, first: torch.Tensor | None,
+                positions: torch.Tensor) -> torch.Tensor:
+        labels = self.labels[rows] if self.labels is not None else None
+        first = first[rows] if first is not None else None
+        return self.model.head(self.model.hidden_at(tokens[rows], labels, positions, self.body, first)).float()
+
+    def _rows_alike(self, tokens: torch.Tensor) -> bool:
+        if self.labels is not None and bool((self.labels != self.labels[0]).any()):
+            return False
+        return bool((tokens == tokens[:1]).all())
+
+
+class FirstProjections:
+    """The first block's `projections` of a batch's token embeddings, kept from call to call: a row
+    depends only on its token and position (the prefix row on the label), and a sampling step changes
+    a few tokens, so only those rows are projected again."""
+
+    def __init__(self, model: Transformer, labels: torch.Tensor | None):
+        self.model = model
+        self.labels = labels
+        self.tokens: torch.Tensor | None = None
+        self.qkv = torch.empty(0)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L', 3C) for `tokens` (B, N)."""
+        m, first = self.model, self.model.blocks[0]
+        if self.tokens is None or self.tokens.shape != tokens.shape:
+            self.qkv = first.projections(m.embed(tokens, self.labels))
+        else:
+            row, col = (tokens != self.tokens).nonzero(as_tuple=True)
+            if len(row):
+                x = m.tok_emb(tokens[row, col]) + m.position_table()[col]
+                self.qkv[row, col + (1 if m.cfg.has_prefix else 0)] = first.projections(x)
+        self.tokens = tokens.clone()
+        return self.qkv
+
+
+class CompiledBody:
+    """`model.body` (the transformer up to its last block) through torch.compile with the weights frozen
+    into the graph, built for one batch shape on its first call: a smaller batch is padded to it with
+    copies of its last row (each row is computed on its own, so the padding changes nothing) and cut
+    off after. The body is the same shape at every step, so it compiles once per sampling run."""
+
+    def __init__(self, model: Transformer, batch: int, compiled: Callable[..., torch.Tensor] | None = None):
+        self.batch = batch
+        self.compiled = compiled or torch.compile(model.body, dynamic=False, options={"freezing": True})
+
+    def __call__(self, idx: torch.Tensor, labels: torch.Tensor | None,
+                 first: torch.Tensor | None = None) -> torch.Tensor:
+        n = idx.shape[0]
+        pad = self.batch - n
+        if pad > 0:
+            idx, labels, first = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) if t is not None else None
+                                  for t in (idx, labels, first))
+        return self.compiled(idx, labels, first)[:n]
+
+
+def pass_size(model: Transformer) -> int | None:
+    """Images per transformer pass of a sampling step: on a CPU running torch on one thread as many as
+    keep about `CPU_ROWS_PER_PASS` token rows in flight (at least one), else the whole batch (None).
+
+    Measured on the `bench` config, 16 images: one thread, 2 images a pass 6–10 % faster than 16; two
+    threads on cores busy with other jobs, 3.6× slower (every op's thread hand-off waits for a core,
+    and smaller passes make 8× as many ops)."""
+    if next(model.parameters()).device.type != "cpu" or torch.get_num_threads() > 1:
+        return None
+    return max(1, CPU_ROWS_PER_PASS // model.cfg.n_tokens)
 
 
 def make_predictor(model: Transformer, labels: torch.Tensor | None, shape: tuple[int, int],
-                   stride: int = 1, guidance: Guidance | None = None) -> Predict:
+                   stride: int = 1, guidance: Guidance | None = None, body: CompiledBody | None = None) -> Predict:
     """The plain predictor on the training grid, a window mixture on a larger `shape`; with `guidance`,
     either one over the doubled batch (labels, then NO_CLASS) inside the guided predictor, so every
-    window pass serves both branches and the mixtures are guided."""
+    window pass serves both branches and the mixtures are guided. `body`: the compiled transformer body."""
     if guidance is not None:
         check_guided_labels(labels)
         labels = both_branches(labels)
-    base: Predict = TransformerPredictor(model, labels)
+    base: Predict = TransformerPredictor(model, labels, pass_size(model), body)
     if tuple(shape) != tuple(model.cfg.grid):
         base = WindowPredictor(base, shape, model.cfg.grid, stride)
     return GuidedPredictor(base, guidance) if guidance is not None else base
@@ -116,8 +211,8 @@ class Sampler:
     schedule: Schedule
     guidance: Guidance | None = None
 
-    def predictor(self, model: Transformer, labels: torch.Tensor | None) -> Predict:
-        return make_predictor(model, labels, self.shape, self.settings.stride, self.guidance)
+    def predictor(self, model: Transformer, labels: torch.Tensor | None, body: CompiledBody | None = None) -> Predict:
+        return make_predictor(model, labels, self.shape, self.settings.stride, self.guidance, body)
 
     def calls(self, n_masked: int | None = None) -> int:
         """Progress units of one batch: predictor calls (absorbing; fewer when only `n_masked` of the
@@ -246,7 +341,7 @@ def total_work(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler) -
 
 
 def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler, labels: torch.Tensor | None = None,
-                  progress: Progress | None = None) -> torch.Tensor:
+                  progress: Progress | None = None, compile: bool = False) -> torch.Tensor:
     """Draw `n` token grids (n, H, W) int64 (on CPU) from the prior, `settings.batch_size` at a time.
 
     `settings` may be a Sampler made from them for this prior (it is not checked again). `labels` (n,)
@@ -254,7 +349,8 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
     token). Randomness comes only from a generator seeded with `settings.seed`, so the same settings
     (batch size included) give the same tokens. Both priors run in the caller's precision: fp32, or
     the autocast region a stage opens (vqtool.precision); logits are sampled in fp32. With guidance
-    (`settings.guidance` > 0) every label must be a class, not NO_CLASS.
+    (`settings.guidance` > 0) every label must be a class, not NO_CLASS. `compile` (absorbing prior)
+    runs the transformer's body through torch.compile (CompiledBody), compiled on the first step.
     """
     if n < 1:
         raise VqtoolError(f"--n must be at least 1 (got {n})")
@@ -265,6 +361,12 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
     model = prior.model
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
+    body = None
+    if compile:
+        if prior.kind != "absorbing":
+            raise VqtoolError("--compile applies to the absorbing prior (this one is autoregressive)")
+        rows = settings.batch_size * (2 if sampler.guidance is not None else 1)
+        body = CompiledBody(model, pass_size(model) or rows)
 
     def draw_batch(b: int, batch_labels: torch.Tensor | None, tick: Callable[[], None]) -> torch.Tensor:
         if prior.kind == "autoregressive":
@@ -274,7 +376,7 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
                                          use_cache=settings.use_cache, on_token=tick, guidance=sampler.guidance)
         mask_id = model.cfg.mask_id
         tokens = torch.full((b, sampler.shape[0] * sampler.shape[1]), mask_id, dtype=torch.long, device=device)
-        return reveal(sampler.predictor(model, batch_labels), tokens, mask_id, sampler.schedule, settings.steps,
+        return reveal(sampler.predictor(model, batch_labels, body), tokens, mask_id, sampler.schedule, settings.steps,
                       sampler.draw, generator, tick)
 
     grids = in_batches(model, n, settings.batch_size, labels, sampler.work(n), progress, draw_batch)
@@ -398,6 +500,7 @@ def sample_images(
     progress: Progress | None = None,
     grid_max: int = 64,
     precision: str = "auto",
+    compile: bool = False,
 ) -> SampleResult:
     """The `sample` stage: n images from the prior through the VQ decoder, as PNGs + samples.safetensors.
 
@@ -405,7 +508,7 @@ def sample_images(
     out_dir/samples.safetensors. They are written into a staging folder beside out_dir that replaces
     it at the end, so a run that fails (a full disk, Ctrl-C) leaves the previous outputs intact.
     Files in an old out_dir that `sample` does not write are carried over. Both priors and the decoder
-    run in `precision` (vqtool.precision; int8 quantization runs fp32 on CPU).
+    run in `precision` (vqtool.precision; int8 quantization runs fp32 on CPU). `compile`: see sample_tokens.
     """
     from vqtool.device import resolve_device
     from vqtool.grids import save_grid, save_png
@@ -433,7 +536,7 @@ def sample_images(
 
         start = time.perf_counter()
         with autocast(dev, chosen):
-            tokens = sample_tokens(prior, n, sampler, labels, progress)
+            tokens = sample_tokens(prior, n, sampler, labels, progress, compile=compile)
         seconds = time.perf_counter() - start
 
         digits = max(4, len(str(n - 1)))

@@ -14,6 +14,7 @@ model add one position at a time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,9 +79,12 @@ class SelfAttention(nn.Module):
         self.causal = cfg.causal
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        B, L, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+    def forward(self, x: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over `x` (B, L, C); given `qkv`, its projections made beforehand, x is not read."""
+        qkv = self.qkv(x) if qkv is None else qkv
+        B, L, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         causal = self.causal
         if cache is not None:
@@ -106,8 +110,14 @@ class SelfAttention(nn.Module):
         """
         B, L, C = x.shape
         k = rows.shape[1]
-        q, key, value = self.qkv(x).split(C, dim=2)
-        q = q.gather(1, rows.unsqueeze(-1).expand(B, k, C))
+        if isinstance(self.qkv, nn.Linear):
+            # Queries at the rows only: the query third of the projection's weight on k rows, not on L.
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x.gather(1, rows.unsqueeze(-1).expand(B, k, C)), w[:C], None if b is None else b[:C])
+            key, value = F.linear(x, w[C:], None if b is None else b[C:]).split(C, dim=2)
+        else:  # a quantized projection (int8 sampling) is one packed matmul
+            q, key, value = self.qkv(x).split(C, dim=2)
+            q = q.gather(1, rows.unsqueeze(-1).expand(B, k, C))
         q, key, value = (t.reshape(B, t.shape[1], self.n_head, C // self.n_head).transpose(1, 2)
                          for t in (q, key, value))
         y = F.scaled_dot_product_attention(q, key, value, dropout_p=self.dropout if self.training else 0.0)
@@ -127,9 +137,15 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """The block over `x`; `qkv` (B, L, 3C): `projections(x)` already made (the sampler keeps them)."""
+        x = x + self.attn(self.ln1(x) if qkv is None else None, cache, layer, qkv)
         return x + self.mlp(self.ln2(x))
+
+    def projections(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values (..., 3C) of `x` (..., C), row by row: the block's first step."""
+        return self.attn.qkv(self.ln1(x))
 
     def at(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """`forward(x)` gathered at `rows` (B, k), computing queries, projection and MLP only there."""
@@ -207,23 +223,36 @@ class Transformer(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
-    def hidden_at(self, idx: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    def hidden_at(self, idx: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor,
+                  body: Callable[..., torch.Tensor] | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, k, d) at token `positions` (B, k) of a bidirectional model.
 
         Equals `trunk(idx, labels)` gathered at those positions, but the last block runs its queries,
         projection and MLP only there: a sampling step of the absorbing prior needs a few positions.
+        `body` stands in for `self.body` (a compiled one); `first` is passed to it.
         """
         if self.cfg.causal:
             raise ValueError("hidden_at is for the bidirectional (absorbing) transformer")
         rows = positions + (1 if self.cfg.has_prefix else 0)
+        x = (body or self.body)(idx, labels, first)
         if 2 * positions.shape[1] >= idx.shape[1]:
-            # Most positions asked for: the full trunk is as cheap.
-            hidden = self.trunk(idx, labels)
+            # Most positions asked for: the whole last block is as cheap.
+            hidden = self.ln_f(self.blocks[-1](x))
             return hidden.gather(1, rows.unsqueeze(-1).expand(*rows.shape, hidden.shape[-1]))
-        x = self.drop(self.embed(idx, labels))
-        for block in self.blocks[:-1]:
-            x = block(x)
         return self.ln_f(self.blocks[-1].at(x, rows))
+
+    def body(self, idx: torch.Tensor, labels: torch.Tensor | None = None,
+             first: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, L', d) before the last block: the part of `hidden_at` that runs at every
+        position, with one shape at every sampling step (what a compiled sampler compiles). `first`:
+        the first block's `projections` of the embeddings, made beforehand (n_layer ≥ 2)."""
+        x = self.drop(self.embed(idx, labels))
+        blocks = list(self.blocks[:-1])
+        if first is not None:
+            x = blocks.pop(0)(x, qkv=first)
+        for block in blocks:
+            x = block(x)
+        return x
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
