@@ -146,6 +146,14 @@ class NLayerDisc(nn.Module):
         return self.main(x)
 
 
+def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last: torch.Tensor,
+                    max_weight: float) -> torch.Tensor:
+    """λ as the official code computes it: two retained gradients at the last layer, their norms' ratio."""
+    rec_grad = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last, retain_graph=True)[0]
+    return torch.clamp(torch.norm(rec_grad) / (torch.norm(gan_grad) + 1e-4), 0.0, max_weight).detach()
+
+
 class TamingStep:
     """One training step, both optimizers, in the order and with the passes the official code runs."""
 
@@ -166,9 +174,7 @@ class TamingStep:
         xrec, q_loss = self.model(x)
         nll = torch.abs(x.contiguous() - xrec.contiguous()).mean()
         g_loss = -torch.mean(self.disc(xrec.contiguous()))
-        nll_grads = torch.autograd.grad(nll, last, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
-        d_weight = torch.clamp(torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4), 0.0, 1e4).detach()
+        d_weight = adaptive_weight(nll, g_loss, last, 1e4)
         loss = nll + d_weight * g_loss + q_loss.mean()
         self.opt_ae.zero_grad()
         loss.backward()

@@ -213,10 +213,11 @@ def vqgan_sections(work: Path, rounds: int) -> None:
     default Adam, a lerp_ per EMA tensor. Same weights and batch; medians over the rounds."""
     from collections import defaultdict
 
+    from reference_vqgan import adaptive_weight
     from torch import nn
 
     from vqtool.training import EMA
-    from vqtool.vq.losses import PatchDiscriminator, adaptive_weight, generator_gradient, hinge_d_loss, hinge_g_loss
+    from vqtool.vq.losses import PatchDiscriminator, generator_gradient, hinge_d_loss, hinge_g_loss
     from vqtool.vq.train import _frozen
 
     task = vqgan_trainer(work)
