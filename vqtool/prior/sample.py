@@ -140,8 +140,7 @@ class FirstProjections:
         else:
             row, col = (tokens != self.tokens).nonzero(as_tuple=True)
             if len(row):
-                x = m.tok_emb(tokens[row, col]) + m.position_table()[col]
-                self.qkv[row, col + (1 if m.cfg.has_prefix else 0)] = first.projections(x)
+                self.qkv[row, m.row_of(col)] = first.projections(m.embed_at(tokens[row, col], col))
         self.tokens = tokens.clone()
         return self.qkv
 

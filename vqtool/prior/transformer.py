@@ -208,6 +208,14 @@ class Transformer(nn.Module):
             x = torch.cat([self.prefix_embedding(labels, B, idx.device), x], dim=1)
         return x
 
+    def embed_at(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings (..., d) of single `tokens` at token `positions` (same shape): rows of `embed`."""
+        return self.tok_emb(tokens) + self.position_table()[positions]
+
+    def row_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of the hidden states that hold token `positions` (the prefix, if any, is row 0)."""
+        return positions + (1 if self.cfg.has_prefix else 0)
+
     def prefix_embedding(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         """(batch, 1, d): class c is row c + 1, so NO_CLASS (-1) and no labels are row 0."""
         if labels is None or self.cfg.n_classes == 0:
@@ -233,7 +241,7 @@ class Transformer(nn.Module):
         """
         if self.cfg.causal:
             raise ValueError("hidden_at is for the bidirectional (absorbing) transformer")
-        rows = positions + (1 if self.cfg.has_prefix else 0)
+        rows = self.row_of(positions)
         x = (body or self.body)(idx, labels, first)
         if 2 * positions.shape[1] >= idx.shape[1]:
             # Most positions asked for: the whole last block is as cheap.
