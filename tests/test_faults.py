@@ -1178,7 +1178,11 @@ def _train_with_kills(stage: str, run: Path, args: list[str], rng: random.Random
             # after a checkpoint write, in a training or an evaluation step.
             while proc.poll() is None and _steps_logged(log) <= start and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 0.5))
+            # At most two more steps: on a fast machine 0.5 s is many steps, and the run must not end before
+            # its last kill.
+            until, progress = time.monotonic() + rng.uniform(0.0, 0.5), _steps_logged(log)
+            while proc.poll() is None and time.monotonic() < until and _steps_logged(log) < progress + 2:
+                time.sleep(0.01)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
