@@ -40,7 +40,7 @@ import torch
 from prior_sampling import reference_sample
 from prior_throughput import Clock, ReferenceStep, matmul_peak, matmul_seconds, synthetic_latents
 from reference_vqgan import NLayerDisc, TamingStep, TamingVQGAN, swish
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from vqtool.config import load_recipe, merge
 from vqtool.data.prepare import PrepareSettings, prepare_synthetic
@@ -66,6 +66,17 @@ class Timed:
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.peak: list[tuple[float, float]] = []  # matmul GFLOP/s (wall, CPU) right after each round of it
+
+
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    # vqtool's samplers run their Linear layers through this op (vqtool.prior.onednn), which torch's
+    # counter does not know: the FLOPs of the same product as F.linear's.
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
+        rows = 1
+        for d in x_shape[:-1]:
+            rows *= d
+        return 2 * rows * w_shape[0] * w_shape[1]
 
 
 def count_flops(fn: Callable[[], object]) -> float:

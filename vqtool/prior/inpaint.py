@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from vqtool.errors import VqtoolError
 from vqtool.outputs import check_writable, matcher, naming, refuse_enclosing, removed_on_failure, staged_folder
+from vqtool.prior.onednn import onednn_linears
 from vqtool.prior.sample import (
     QUANTIZE,
     Progress,
@@ -155,7 +156,9 @@ def inpaint_tokens(prior: LoadedPrior, tokens: torch.Tensor, masked: torch.Tenso
         return reveal(sampler.predictor(model, batch_labels), state, mask_id, sampler.schedule, settings.steps,
                       sampler.draw, generator, tick, n_tokens=n_tokens)
 
-    return in_batches(model, n, settings.batch_size, labels, total, progress, draw_batch).reshape(n, *shape)
+    with onednn_linears():
+        grids = in_batches(model, n, settings.batch_size, labels, total, progress, draw_batch)
+    return grids.reshape(n, *shape)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from vqtool.errors import VqtoolError
 from vqtool.outputs import check_writable, matcher, naming, refuse_enclosing, removed_on_failure, staged_folder
 from vqtool.prior.guidance import Guidance, GuidedPredictor, both_branches, check_guided_labels
 from vqtool.prior.logits import Draw
+from vqtool.prior.onednn import onednn_linears
 from vqtool.prior.schedules import Predict, Schedule, make_schedule, n_steps, reveal
 from vqtool.prior.store import LoadedPrior
 from vqtool.prior.transformer import NO_CLASS, Transformer
@@ -378,7 +379,8 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
         return reveal(sampler.predictor(model, batch_labels, body), tokens, mask_id, sampler.schedule, settings.steps,
                       sampler.draw, generator, tick)
 
-    grids = in_batches(model, n, settings.batch_size, labels, sampler.work(n), progress, draw_batch)
+    with onednn_linears():
+        grids = in_batches(model, n, settings.batch_size, labels, sampler.work(n), progress, draw_batch)
     return grids.reshape(n, *sampler.shape).long()
 
 
