@@ -164,7 +164,8 @@ def launches(tmp_path_factory, tiny_shards) -> dict:
     try:
         deadline = time.monotonic() + 900
         interrupted = False
-        while any(p.poll() is None for p in procs.values()):
+        # Until every launch has ended and F has been started: D may be the last to end, after C and E.
+        while any(p.poll() is None for p in procs.values()) or "F" not in procs:
             if not interrupted and log_steps(RunPaths.of(runs["D"]).log("train-prior")):
                 os.killpg(procs["D"].pid, signal.SIGINT)  # Ctrl-C in a terminal: the foreground group
                 interrupted = True
