@@ -36,7 +36,7 @@ def test_same_numbers_as_f_linear(shape, with_bias, calls):
     x, w = torch.randn(shape), torch.randn(24, 16)
     b = torch.randn(24) if with_bias else None
     want = F.linear(x, w, b)
-    with onednn.onednn_linears(), torch.inference_mode():
+    with onednn.onednn_linears("cpu"), torch.inference_mode():
         got = F.linear(x, w, b)
         sliced = F.linear(x, w[8:], None if b is None else b[8:])  # row slices, as the samplers take them
         module = torch.nn.Linear(16, 24, bias=with_bias)
@@ -48,20 +48,22 @@ def test_same_numbers_as_f_linear(shape, with_bias, calls):
     torch.testing.assert_close(by_module, F.linear(x, module.weight, module.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_leaves_autograd_other_dtypes_and_disabled_contexts_alone(calls):
+def test_leaves_autograd_other_dtypes_and_non_cpu_models_alone(calls):
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 8)
     x = torch.randn(4, 16)
-    with onednn.onednn_linears():
+    with onednn.onednn_linears("cpu"):
         y = layer(x)  # the weight needs a gradient: plain F.linear, which autograd can differentiate
         y.sum().backward()
         assert layer.weight.grad is not None
         with torch.no_grad():
             F.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16())
-    with onednn.onednn_linears(enabled=False), torch.no_grad():
+    with onednn.onednn_linears("meta"), torch.no_grad():  # a model that is not on a CPU
+        layer(x)
+    with onednn.onednn_linears("cpu", enabled=False), torch.no_grad():
         layer(x)
     assert calls == []
-    with onednn.onednn_linears(), torch.no_grad():
+    with onednn.onednn_linears("cpu"), torch.no_grad():
         layer(x)
     assert calls == [(4, 16)]
 
@@ -84,3 +86,16 @@ def test_samplers_use_it_and_draw_the_same_tokens(calls, monkeypatch):
     # Float rounding may in principle tip a draw; on these tiny grids it does not.
     assert torch.equal(fast, plain)
     assert torch.equal(fast_fill, plain_fill)
+
+
+def test_a_compiled_body_samples_without_the_mode(calls, monkeypatch):
+    """Traced under the mode, inductor refuses the oneDNN op's weight ("weight must be a graph constant"):
+    with `compile`, the sampler leaves the linears to inductor."""
+    from vqtool.prior import sample
+
+    monkeypatch.setattr(sample.torch, "compile", lambda fn, **options: fn)  # real compilation takes a minute
+    prior = tiny_prior(grid=(4, 4))
+    tokens = sample_tokens(prior, 3, SampleSettings(steps=4, batch_size=3, seed=2), compile=True)
+    assert calls == []
+    assert torch.equal(tokens, sample_tokens(prior, 3, SampleSettings(steps=4, batch_size=3, seed=2)))
+    assert calls

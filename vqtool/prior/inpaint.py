@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from vqtool.errors import VqtoolError
 from vqtool.outputs import check_writable, matcher, naming, refuse_enclosing, removed_on_failure, staged_folder
-from vqtool.prior.onednn import onednn_linears
 from vqtool.prior.sample import (
     QUANTIZE,
     Progress,
@@ -156,9 +155,7 @@ def inpaint_tokens(prior: LoadedPrior, tokens: torch.Tensor, masked: torch.Tenso
         return reveal(sampler.predictor(model, batch_labels), state, mask_id, sampler.schedule, settings.steps,
                       sampler.draw, generator, tick, n_tokens=n_tokens)
 
-    with onednn_linears(enabled=device.type == "cpu"):  # on a GPU the mode would only add dispatch
-        grids = in_batches(model, n, settings.batch_size, labels, total, progress, draw_batch)
-    return grids.reshape(n, *shape)
+    return in_batches(model, n, settings.batch_size, labels, total, progress, draw_batch).reshape(n, *shape)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,14 +2,13 @@
 
 torch runs an fp32 `F.linear` on CPU through its BLAS (MKL or OpenBLAS). The same product through
 oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor's CPU code uses) measured
-2.2× faster on a 2-core AMD EPYC with AVX-512, at the shapes of a sampling step (benchmarks/
-prior_sampling.py). It is the same sum of products in another order: outputs agree within float
-rounding.
+2.2× faster on a 2-core AMD EPYC with AVX-512, at the shapes of a sampling step (docs/sample.md,
+Speed). It is the same sum of products in another order: outputs agree within float rounding.
 
 `onednn_linears()` is a context in which every `F.linear` (and so every nn.Linear) that needs no
 gradient, on fp32 CPU tensors, runs through oneDNN; anything else (autograd, other dtypes or devices,
-quantized layers, which do not call F.linear) runs as before. The samplers open it around their loops,
-so the model code stays plain torch.
+quantized layers, which do not call F.linear) runs as before. `sample.in_batches`, the loop of every
+sampler, opens it, so the model code stays plain torch.
 """
 
 from __future__ import annotations
@@ -52,10 +51,11 @@ class _OneDNNLinears(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def onednn_linears(enabled: bool = True) -> Iterator[None]:
-    """Within it, inference `F.linear` calls on fp32 CPU tensors run through oneDNN (when `enabled` and
-    this torch has it)."""
-    if not (enabled and available()):
+def onednn_linears(device: torch.device | str, enabled: bool = True) -> Iterator[None]:
+    """Within it, inference `F.linear` calls on fp32 CPU tensors run through oneDNN, when `enabled`,
+    `device` (the model's) is a CPU and this torch has the op. On a GPU the mode would only add a Python
+    dispatch to every op, so it is not opened."""
+    if not enabled or torch.device(device).type != "cpu" or not available():
         yield
         return
     with _OneDNNLinears():

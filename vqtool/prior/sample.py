@@ -379,16 +379,19 @@ def sample_tokens(prior: LoadedPrior, n: int, settings: SampleSettings | Sampler
         return reveal(sampler.predictor(model, batch_labels, body), tokens, mask_id, sampler.schedule, settings.steps,
                       sampler.draw, generator, tick)
 
-    with onednn_linears(enabled=device.type == "cpu"):  # on a GPU the mode would only add dispatch
-        grids = in_batches(model, n, settings.batch_size, labels, sampler.work(n), progress, draw_batch)
+    # A compiled body gets oneDNN's linears from inductor; traced under the mode, it would not compile.
+    grids = in_batches(model, n, settings.batch_size, labels, sampler.work(n), progress, draw_batch,
+                       onednn=body is None)
     return grids.reshape(n, *sampler.shape).long()
 
 
 def in_batches(model: Transformer, n: int, batch_size: int, labels: torch.Tensor | None, total: int,
                progress: Progress | None,
-               draw_batch: Callable[[int, torch.Tensor | None, Callable[[], None]], torch.Tensor]) -> torch.Tensor:
+               draw_batch: Callable[[int, torch.Tensor | None, Callable[[], None]], torch.Tensor],
+               onednn: bool = True) -> torch.Tensor:
     """Call `draw_batch(b, labels_of_batch, tick)` over `n` items `batch_size` at a time, in eval and
-    inference mode, reporting each tick as `progress(done, total)`; the results concatenated on CPU."""
+    inference mode (and with `onednn`, on a CPU, the Linear layers through oneDNN: vqtool.prior.onednn),
+    reporting each tick as `progress(done, total)`; the results concatenated on CPU."""
     device = next(model.parameters()).device
     done = 0
 
@@ -402,7 +405,7 @@ def in_batches(model: Transformer, n: int, batch_size: int, labels: torch.Tensor
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), onednn_linears(device, enabled=onednn):
             for start in range(0, n, batch_size):
                 b = min(batch_size, n - start)
                 batch_labels = labels[start:start + b].to(device) if labels is not None else None
