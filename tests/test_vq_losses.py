@@ -206,8 +206,10 @@ def test_discriminator_one_pass_over_two_groups_equals_two_calls():
 def test_small_map_conv_equals_conv2d(size, stride, memory, monkeypatch):
     from torch import nn
 
+    from vqtool.vq import losses
     from vqtool.vq.losses import SmallMapConv2d
 
+    monkeypatch.setattr(losses, "small_map_matmul_pays", lambda: True)  # the matmul path on any CPU
     calls = []
     unfold = torch.nn.functional.unfold
     monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
@@ -232,3 +234,25 @@ def test_small_map_conv_equals_conv2d(size, stride, memory, monkeypatch):
     with torch.no_grad():
         fast.requires_grad_(True)
         assert torch.allclose(fast(x), yb, atol=1e-5) and not calls
+
+
+def test_small_map_conv_keeps_the_conv_where_the_matmul_does_not_pay(monkeypatch):
+    from vqtool.vq import losses
+
+    calls = []
+    unfold = torch.nn.functional.unfold
+    monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
+    monkeypatch.setattr(losses, "small_map_matmul_pays", lambda: False)
+    conv = losses.SmallMapConv2d(16, 24, 4, stride=1, padding=1)
+    conv(torch.randn(2, 16, 3, 3)).sum().backward()  # a 2×2 map: the matmul's shape, were it to pay
+    assert not calls and conv.weight.grad is not None
+
+
+def test_small_map_matmul_pays_only_without_avx512(monkeypatch):
+    from vqtool.vq import losses
+
+    for capability, pays in (("AVX512", False), ("AVX2", True), ("DEFAULT", True)):
+        losses.small_map_matmul_pays.cache_clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert losses.small_map_matmul_pays() is pays
+    losses.small_map_matmul_pays.cache_clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -9,14 +10,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@functools.cache
+def small_map_matmul_pays() -> bool:
+    """Whether this CPU's oneDNN is slow at the weight gradient of small maps (see SmallMapConv2d).
+
+    Measured on two machines: on an AVX2 CPU the discriminator's step ran 1.5–1.8× faster with the
+    matmul; on an AVX-512 one (an AMD EPYC) 1.24× slower (67 against 54 ms, 16 real + 16 fake 32-px
+    images), its AVX-512 convolutions being fast at these shapes too. Fixed per machine, so a resumed
+    run takes the path the first one took.
+    """
+    return torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
 class SmallMapConv2d(nn.Conv2d):
     """A Conv2d that, on CPU and when its weight is being trained, computes an output map with fewer
-    positions than kernel taps as one matmul over the unfolded patches (im2col).
+    positions than kernel taps as one matmul over the unfolded patches (im2col), where that pays
+    (`small_map_matmul_pays`: CPUs without AVX-512).
 
-    oneDNN's weight gradient for such shapes, e.g. the 3×3 and 2×2 maps that end the PatchGAN on 32-px
-    images, runs at a fraction of its usual rate (the discriminator's step measured 1.5–1.8× faster
-    with the matmul); its forward and input gradient do not, so a frozen weight keeps the conv. The
-    matmul is the same sum of products. Same parameters and state dict as nn.Conv2d.
+    oneDNN's AVX2 weight gradient for such shapes, e.g. the 3×3 and 2×2 maps that end the PatchGAN on
+    32-px images, runs at a fraction of its usual rate; its forward and input gradient do not, so a
+    frozen weight keeps the conv. The matmul is the same sum of products. Same parameters and state
+    dict as nn.Conv2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -24,8 +38,8 @@ class SmallMapConv2d(nn.Conv2d):
         (sh, sw), (ph, pw) = self.stride, self.padding
         oh, ow = (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
         trained = self.weight.requires_grad and torch.is_grad_enabled()
-        if (not trained or x.device.type != "cpu" or oh * ow >= kh * kw or self.groups != 1
-                or self.dilation != (1, 1) or self.padding_mode != "zeros"):
+        if (not trained or x.device.type != "cpu" or oh * ow >= kh * kw or not small_map_matmul_pays()
+                or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros"):
             return super().forward(x)
         cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, C·kh·kw, oh·ow)
         y = self.weight.reshape(self.out_channels, -1) @ cols
