@@ -4,10 +4,12 @@ Rows (each a few paths timed in turn, round after round, so a change of the mach
 them alike; medians over the rounds):
   prior-train  absorbing prior train step, `bench` config (8×256, 16×16 tokens, 1024 codes, batch 16):
                the official code's loss (full logits, masked CE) and default AdamW
-               (prior_throughput.ReferenceStep) against `PriorTrainTask.train_step`
+               (prior_throughput.ReferenceStep) on the official code's transformer
+               (reference_transformer.PapersTransformer: separate q/k/v layers, explicit attention),
+               then the same step on vqtool's transformer, against `PriorTrainTask.train_step`
   sampling     absorbing sampling, 16 images × 50 steps, random weights: the paper's sampler (full
-               forward, draw everywhere; prior_sampling.reference_sample) against `sample_tokens`, fp32
-               and `--quantize int8`
+               forward, draw everywhere; prior_sampling.reference_sample) on the papers' transformer and
+               on vqtool's, against `sample_tokens`, fp32 and `--quantize int8`
   vqgan        VQGAN generator + discriminator step at the cifar10-32 architecture with Taming's 3-layer
                discriminator (64 channels), batch 16, no perceptual loss, no DiffAugment: Taming's
                Lightning step (reference_vqgan.TamingStep) against `VQTrainer.train_step`
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 from prior_sampling import reference_sample
 from prior_throughput import Clock, ReferenceStep, matmul_peak, matmul_seconds, synthetic_latents
+from reference_transformer import PapersTransformer
 from reference_vqgan import NLayerDisc, TamingStep, TamingVQGAN, swish
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
@@ -113,9 +116,13 @@ def prior_train_paths(seed: int) -> list[Timed]:
                 device="cpu", seed=seed)
     task = PriorTrainTask(TrainPriorConfig(**base), latents, "0" * 64, Path("unused"), torch.device("cpu"))
     torch.manual_seed(seed)
-    ref = ReferenceStep(Transformer(task.model_cfg), latents.splits["train"].tokens, 16, 256, seed)
-    return [Timed("official code", ref, count_flops(ref), 1), Timed("vqtool", task.train_step,
-                                                                     count_flops(task.train_step), 1)]
+    tokens = latents.splits["train"].tokens
+    ref = ReferenceStep(PapersTransformer.from_vqtool(Transformer(task.model_cfg)), tokens, 16, 256, seed)
+    torch.manual_seed(seed)
+    ref_loss = ReferenceStep(Transformer(task.model_cfg), tokens, 16, 256, seed)
+    return [Timed("official code", ref, count_flops(ref), 1),
+            Timed("its loss, vqtool's model", ref_loss, count_flops(ref_loss), 1),
+            Timed("vqtool", task.train_step, count_flops(task.train_step), 1)]
 
 
 def sampling_paths(seed: int, n: int, steps: int, compile: bool = False) -> list[Timed]:
@@ -125,8 +132,13 @@ def sampling_paths(seed: int, n: int, steps: int, compile: bool = False) -> list
     settings = SampleSettings(steps=steps, batch_size=n, seed=seed)
     fp32 = LoadedPrior(model, "absorbing", {}, None)
 
-    def reference(k: int = n):
-        return reference_sample(model, k, steps, 1.0, torch.Generator().manual_seed(seed))
+    papers = PapersTransformer.from_vqtool(model).eval()
+
+    def reference(k: int = n, on: torch.nn.Module = papers):
+        return reference_sample(on, k, steps, 1.0, torch.Generator().manual_seed(seed))
+
+    def reference_on_ours(k: int = n):
+        return reference(k, model)
 
     def vqtool(k: int = n, compiled: bool = False):
         return sample_tokens(fp32, k, SampleSettings(steps=steps, batch_size=k, seed=seed), compile=compiled)
@@ -135,6 +147,8 @@ def sampling_paths(seed: int, n: int, steps: int, compile: bool = False) -> list
     scale = n / 2
     # Counting runs each sampler once on 2 images, which also warms it up.
     paths = [Timed("official code", reference, count_flops(lambda: reference(2)) * scale, n, warm_up=False),
+             Timed("its sampler, vqtool's model", reference_on_ours, count_flops(lambda: reference_on_ours(2)) * scale,
+                   n, warm_up=False),
              Timed("vqtool fp32", vqtool, count_flops(lambda: vqtool(2)) * scale, n, warm_up=False),
              Timed("vqtool int8", lambda: sample_tokens(LoadedPrior(int8, "absorbing", {}, None), n, settings),
                    None, n, warm_up=False)]
@@ -144,7 +158,7 @@ def sampling_paths(seed: int, n: int, steps: int, compile: bool = False) -> list
         clock = Clock()
         vqtool(n, compiled=True)
         print(f"   (the first compiled sampling run took {clock.read()[0]:.0f} s, compiling included)", flush=True)
-        paths.append(Timed("vqtool fp32 --compile", lambda: vqtool(n, compiled=True), paths[1].flops, n,
+        paths.append(Timed("vqtool fp32 --compile", lambda: vqtool(n, compiled=True), paths[2].flops, n,
                            warm_up=False))
     return paths
 
