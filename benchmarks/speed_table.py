@@ -9,7 +9,8 @@ them alike; medians over the rounds):
                then the same step on vqtool's transformer, against `PriorTrainTask.train_step`
   sampling     absorbing sampling, 16 images × 50 steps, random weights: the paper's sampler (full
                forward, draw everywhere; prior_sampling.reference_sample) on the papers' transformer and
-               on vqtool's, against `sample_tokens`, fp32 and `--quantize int8`
+               on vqtool's, against `sample_tokens`: fp32 (with its Linear layers through oneDNN, and
+               without: VQTOOL_ONEDNN=0) and `--quantize int8`
   vqgan        VQGAN generator + discriminator step at the cifar10-32 architecture with Taming's 3-layer
                discriminator (64 channels), batch 16, no perceptual loss, no DiffAugment: Taming's
                Lightning step (reference_vqgan.TamingStep) against `VQTrainer.train_step`
@@ -33,10 +34,12 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import os
 import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 from prior_sampling import reference_sample
@@ -47,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from vqtool.config import load_recipe, merge
 from vqtool.data.prepare import PrepareSettings, prepare_synthetic
+from vqtool.prior import onednn
 from vqtool.prior.sample import SampleSettings, quantize_int8, sample_tokens
 from vqtool.prior.store import LoadedPrior
 from vqtool.prior.train import PriorTrainTask, TrainPriorConfig
@@ -143,6 +147,11 @@ def sampling_paths(seed: int, n: int, steps: int, compile: bool = False) -> list
     def vqtool(k: int = n, compiled: bool = False):
         return sample_tokens(fp32, k, SampleSettings(steps=steps, batch_size=k, seed=seed), compile=compiled)
 
+    def vqtool_blas(k: int = n):
+        # The same sampler with its Linear layers left to torch (VQTOOL_ONEDNN=0): what oneDNN adds here.
+        with mock.patch.dict(os.environ, {onednn.SWITCH: "0"}):
+            return vqtool(k)
+
     # FLOPs grow linearly with the batch: counted on 2 images, scaled to n.
     scale = n / 2
     # Counting runs each sampler once on 2 images, which also warms it up.
@@ -150,6 +159,8 @@ def sampling_paths(seed: int, n: int, steps: int, compile: bool = False) -> list
              Timed("its sampler, vqtool's model", reference_on_ours, count_flops(lambda: reference_on_ours(2)) * scale,
                    n, warm_up=False),
              Timed("vqtool fp32", vqtool, count_flops(lambda: vqtool(2)) * scale, n, warm_up=False),
+             Timed("vqtool fp32, BLAS linears", vqtool_blas, count_flops(lambda: vqtool_blas(2)) * scale, n,
+                   warm_up=False),
              Timed("vqtool int8", lambda: sample_tokens(LoadedPrior(int8, "absorbing", {}, None), n, settings),
                    None, n, warm_up=False)]
     if compile:
@@ -424,8 +435,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import os
-
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average {load:.1f} at the start; "
           f"fp32 2048² matmul now {matmul_peak():.1f} GFLOP/s", flush=True)

@@ -62,6 +62,10 @@ def test_leaves_autograd_other_dtypes_and_non_cpu_models_alone(calls):
         layer(x)
     with onednn.onednn_linears("cpu", enabled=False), torch.no_grad():
         layer(x)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(onednn.SWITCH, "0")  # the user's switch
+        with onednn.onednn_linears("cpu"), torch.no_grad():
+            layer(x)
     assert calls == []
     with onednn.onednn_linears("cpu"), torch.no_grad():
         layer(x)

@@ -8,17 +8,22 @@ Speed). It is the same sum of products in another order: outputs agree within fl
 `onednn_linears()` is a context in which every `F.linear` (and so every nn.Linear) that needs no
 gradient, on fp32 CPU tensors, runs through oneDNN; anything else (autograd, other dtypes or devices,
 quantized layers, which do not call F.linear) runs as before. `sample.in_batches`, the loop of every
-sampler, opens it, so the model code stays plain torch.
+sampler, opens it, so the model code stays plain torch. `VQTOOL_ONEDNN=0` in the environment keeps
+it closed: how much it gains depends on the CPU (2.2× torch's BLAS at a sampling step's shapes on one
+AVX-512 EPYC, the whole sampler 1.00× on another; docs/performance.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+SWITCH = "VQTOOL_ONEDNN"  # "0": torch's own F.linear everywhere
 
 
 def available() -> bool:
@@ -55,7 +60,7 @@ def onednn_linears(device: torch.device | str, enabled: bool = True) -> Iterator
     """Within it, inference `F.linear` calls on fp32 CPU tensors run through oneDNN, when `enabled`,
     `device` (the model's) is a CPU and this torch has the op. On a GPU the mode would only add a Python
     dispatch to every op, so it is not opened."""
-    if not enabled or torch.device(device).type != "cpu" or not available():
+    if not enabled or torch.device(device).type != "cpu" or not available() or os.environ.get(SWITCH) == "0":
         yield
         return
     with _OneDNNLinears():
