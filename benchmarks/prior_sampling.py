@@ -29,9 +29,10 @@ from vqtool.prior.store import LoadedPrior, load_prior
 from vqtool.prior.transformer import Transformer, TransformerConfig
 
 
-def reference_sample(model: Transformer, n: int, steps: int, temperature: float,
+def reference_sample(model: torch.nn.Module, n: int, steps: int, temperature: float,
                      generator: torch.Generator) -> torch.Tensor:
-    """The paper's sampler: full logits and a draw at every position, every step."""
+    """The paper's sampler: full logits and a draw at every position, every step. `model`: vqtool's
+    Transformer or reference_transformer.PapersTransformer (both have `cfg` and logits at every position)."""
     cfg = model.cfg
     x = torch.full((n, cfg.n_tokens), cfg.mask_id, dtype=torch.long)
     unmasked = torch.zeros_like(x, dtype=torch.bool)
@@ -41,7 +42,7 @@ def reference_sample(model: Transformer, n: int, steps: int, temperature: float,
     return x
 
 
-def reference_step(model: Transformer, x: torch.Tensor, unmasked: torch.Tensor, t: int, temperature: float,
+def reference_step(model: torch.nn.Module, x: torch.Tensor, unmasked: torch.Tensor, t: int, temperature: float,
                    generator: torch.Generator) -> None:
     """One step of the paper's sampler at time t, on `x` and `unmasked` in place."""
     changes = torch.rand(x.shape, generator=generator) < 1.0 / t

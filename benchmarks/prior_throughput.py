@@ -84,7 +84,7 @@ def synthetic_latents(codes: int, grid: tuple[int, int], n: int, seed: int) -> L
 class ReferenceStep:
     """The official code's loss computation: full logits, masked CE via ignore_index; default AdamW."""
 
-    def __init__(self, model: Transformer, tokens: torch.Tensor, batch: int, T: int, seed: int):
+    def __init__(self, model: torch.nn.Module, tokens: torch.Tensor, batch: int, T: int, seed: int):
         self.model, self.tokens, self.batch = model, tokens.reshape(tokens.shape[0], -1), batch
         self.objective = AbsorbingObjective(T=T)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)

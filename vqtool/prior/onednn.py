@@ -1,16 +1,16 @@
 """Inference-time Linear layers through oneDNN on CPU.
 
 torch runs an fp32 `F.linear` on CPU through its BLAS (MKL or OpenBLAS). The same product through
-oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor's CPU code uses) measured
-2.2× faster on a 2-core AMD EPYC with AVX-512, at the shapes of a sampling step (docs/sample.md,
-Speed). It is the same sum of products in another order: outputs agree within float rounding.
+oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor's CPU code uses) is the
+same sum of products in another order (outputs agree within float rounding), and at the shapes of a
+sampling step it ran as fast or faster (docs/sample.md, Speed).
 
 `onednn_linears()` is a context in which every `F.linear` (and so every nn.Linear) that needs no
 gradient, on fp32 CPU tensors, runs through oneDNN; anything else (autograd, other dtypes or devices,
 quantized layers, which do not call F.linear) runs as before. `sample.in_batches`, the loop of every
 sampler, opens it, so the model code stays plain torch. `VQTOOL_ONEDNN=0` in the environment keeps
-it closed: how much it gains depends on the CPU (2.2× torch's BLAS at a sampling step's shapes on one
-AVX-512 EPYC, the whole sampler 1.00× on another; docs/performance.md).
+it closed: how much it gains depends on the CPU (the matmuls 2.2× torch's BLAS on one AVX-512 EPYC,
+the whole sampler 1.00–1.17× on another; docs/performance.md).
 """
 
 from __future__ import annotations
