@@ -103,6 +103,9 @@ except KeyboardInterrupt:
 
 
 def main() -> None:
+    from vqtool.memory import keep_freed_memory
+
+    keep_freed_memory()  # every stage: freed tensors stay in the heap for the next step (vqtool.memory)
     try:
         code = app()
     except KeyboardInterrupt:  # while typer builds the command, before a stage's own handling
