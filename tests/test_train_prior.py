@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from vqtool.artifacts import file_sha256, load_artifact, read_metadata
 from vqtool.errors import VqtoolError
 from vqtool.latents import Latents, Split, save_latents
+from vqtool.prior.store import model_config_from_record
 from vqtool.prior.train import (
     BatchSampler,
     PriorTrainTask,
@@ -103,6 +105,16 @@ def test_config_refusals():
         check_config(small(n_embd=15, max_steps=1))
     with pytest.raises(VqtoolError, match="--prior"):
         check_config(small(prior="gan", max_steps=1))
+    with pytest.raises(VqtoolError, match="gelu must be exact or tanh"):
+        check_config(small(gelu="relu", max_steps=1))
+
+
+def test_a_model_record_without_the_gelu_setting_is_the_tanh_approximation():
+    record = {"vocab_size": 16, "grid": [4, 4], "n_layer": 1, "n_head": 2, "n_embd": 16}
+    assert model_config_from_record(record, "old").gelu == "tanh"  # vqtool's only GELU before the setting
+    assert model_config_from_record({**record, "gelu": "exact"}, "new").gelu == "exact"
+    with pytest.raises(VqtoolError, match="old: missing"):
+        model_config_from_record({"n_layer": 1}, "old")
 
 
 def test_class_conditioning_follows_labels_and_switch(tmp_path):
@@ -202,6 +214,24 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
         train_prior(latents, small(max_steps=10, checkpoint_every=2, eval_every=2), **p)
     assert read_metadata(p["checkpoint"]).extra["step"] == 4
     assert read_metadata(p["out"]).extra["step"] == 4
+
+
+def test_gelu_is_exact_by_default_and_a_run_resumes_with_its_own(tmp_path):
+    latents = make_latents(tmp_path / "latents.safetensors")
+    fresh = run_paths(tmp_path / "fresh")
+    train_prior(latents, small(max_steps=3), **fresh)
+    assert load_artifact(fresh["out"]).config["model"]["gelu"] == "exact"
+    # A run of the tanh approximation (the default before) resumes with it without naming it, exactly.
+    a, b = run_paths(tmp_path / "a"), run_paths(tmp_path / "b")
+    train_prior(latents, small(gelu="tanh", max_steps=6), **a)
+    train_prior(latents, small(gelu="tanh", max_steps=3), **b)
+    train_prior(latents, small(max_steps=6), **b, resume=True)
+    assert load_artifact(b["out"]).config["model"]["gelu"] == "tanh"
+    assert strip_time(records(a["log"], "train")) == strip_time(records(b["log"], "train"))
+    # Choosing the other activation on a resume is a change of model, refused.
+    chosen = {**dataclasses.asdict(small(max_steps=9)), "gelu": "exact"}
+    with pytest.raises(VqtoolError, match="differ from the checkpoint: model"):
+        train_prior(latents, chosen, **b, resume=True)
 
 
 def test_refuses_existing_outputs_and_changed_latents(tmp_path):

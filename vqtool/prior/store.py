@@ -59,15 +59,21 @@ def save_prior(
     return save_artifact(path, "prior-model", tensors, config=config, parents=parents, extra=extra)
 
 
+def model_config_from_record(data: Any, where: str) -> TransformerConfig:
+    """The TransformerConfig an artifact's `model` record describes. Records made before the GELU was a
+    setting ran the tanh approximation, vqtool's only one then."""
+    if not isinstance(data, dict) or "grid" not in data:
+        raise VqtoolError(f"{where}: missing or incomplete")
+    return from_dict(TransformerConfig, {"gelu": "tanh", **data, "grid": tuple(data["grid"])}, where=where)
+
+
 def load_prior(path: Path, device: torch.device | str = "cpu", weights: str = "ema") -> LoadedPrior:
     """Build the transformer a prior artifact describes and load its `ema` or `model` weights."""
     art = load_artifact(path, "prior-model")
     kind = art.config.get("prior")
     if kind not in PRIOR_KINDS:
         raise VqtoolError(f"{path}: unknown prior kind {kind!r}")
-    cfg_dict = dict(art.config["model"])
-    cfg_dict["grid"] = tuple(cfg_dict["grid"])
-    cfg = from_dict(TransformerConfig, cfg_dict, where=f"{path} model config")
+    cfg = model_config_from_record(art.config.get("model"), f"{path} model config")
     model = Transformer(cfg)
     load_prefixed_weights(model, art, weights)
     model.to(device).eval()

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from vqtool.artifacts import file_sha256, load_artifact, load_prefixed_weights, read_metadata
-from vqtool.config import from_dict, to_dict
+from vqtool.config import to_dict
 from vqtool.console import console
 from vqtool.device import resolve_device
 from vqtool.distributed import (
@@ -64,7 +64,7 @@ from vqtool.latents import Latents, load_latents
 from vqtool.precision import PRECISIONS, autocast, grad_scaler, resolve_precision, switch_note
 from vqtool.prior.defaults import auto_record
 from vqtool.prior.objectives import make_objective
-from vqtool.prior.store import PRIOR_KINDS, save_prior
+from vqtool.prior.store import PRIOR_KINDS, model_config_from_record, save_prior
 from vqtool.prior.transformer import NO_CLASS, Transformer, TransformerConfig
 from vqtool.training import EMA, LoopSettings, read_scalars, run_loop, seed_global_rng
 
@@ -80,6 +80,7 @@ class TrainPriorConfig(LoopSettings):
     n_embd: int = 256
     dropout: float = 0.0
     pos_emb: str = "2d"  # 2d | flat
+    gelu: str = "exact"  # exact | tanh (the approximation; 3-7x slower on CPU, as fast on a GPU)
     class_conditional: bool = True  # use the latents' labels when they have them
     cond_drop: float = 0.1  # class-conditional: chance a training label becomes NO_CLASS (for guidance; 0: off)
     # objective (absorbing prior only)
@@ -132,6 +133,8 @@ def check_config(cfg: TrainPriorConfig) -> None:
             raise VqtoolError(f"{name} must be at least 1 (got {value})")
     if cfg.n_embd % cfg.n_head:
         raise VqtoolError(f"n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
+    if cfg.gelu not in ("exact", "tanh"):
+        raise VqtoolError(f"gelu must be exact or tanh (got {cfg.gelu!r})")
     if cfg.pos_emb not in ("2d", "flat"):
         raise VqtoolError(f"pos_emb must be 2d or flat (got {cfg.pos_emb!r})")
     if not 0 <= cfg.dropout < 1:
@@ -174,7 +177,7 @@ def model_config(cfg: TrainPriorConfig, latents: Latents) -> TransformerConfig:
     return TransformerConfig(
         vocab_size=latents.codebook_size, grid=tuple(latents.latent_shape), n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, causal=cfg.prior == "autoregressive",
-        n_classes=n_classes, pos_emb=cfg.pos_emb,
+        n_classes=n_classes, pos_emb=cfg.pos_emb, gelu=cfg.gelu,
     )
 
 
@@ -608,15 +611,9 @@ def stage_names(run_prior: Path, out: Path) -> str:
     return f"{STAGE}-{suffix}"
 
 
-def _transformer_config(data: Any, where: str) -> TransformerConfig:
-    if not isinstance(data, dict) or "grid" not in data:
-        raise VqtoolError(f"{where}: missing or incomplete")
-    return from_dict(TransformerConfig, {**data, "grid": tuple(data["grid"])}, where=where)
-
-
 def _recorded_init(meta, sha: str, init: Path | None) -> PriorInit:
     return PriorInit(sha256=sha, path=init, weights=None, kind=meta.config["prior"],
-                     model=_transformer_config(meta.config.get("model"), f"{meta.path} model config"),
+                     model=model_config_from_record(meta.config.get("model"), f"{meta.path} model config"),
                      objective=dict(meta.config.get("objective") or {}), vq=None,
                      source=f"the checkpoint {meta.path} of a fine-tuning run")
 
@@ -627,7 +624,7 @@ def _read_init(path: Path) -> PriorInit:
     if kind not in PRIOR_KINDS:
         raise VqtoolError(f"{path}: unknown prior kind {kind!r}")
     return PriorInit(sha256=file_sha256(path), path=path, weights=start_weights(path, meta.extra["_tensors"]),
-                     kind=kind, model=_transformer_config(meta.config.get("model"), f"{path} model config"),
+                     kind=kind, model=model_config_from_record(meta.config.get("model"), f"{path} model config"),
                      objective=dict(meta.config.get("objective") or {}), vq=meta.parents.get("vq"),
                      source=f"--init {path}")
 
@@ -640,7 +637,7 @@ def fine_tune_settings(start: PriorInit, cfg: TrainPriorConfig, given: Mapping[s
                           "--prior (the kind comes from there)")
     model = start.model
     fixed: dict[str, Any] = {"n_layer": model.n_layer, "n_head": model.n_head, "n_embd": model.n_embd,
-                             "dropout": model.dropout, "pos_emb": model.pos_emb,
+                             "dropout": model.dropout, "pos_emb": model.pos_emb, "gelu": model.gelu,
                              "class_conditional": model.n_classes > 0}
     if start.kind == "absorbing":
         objective = start.objective
@@ -658,6 +655,11 @@ def fine_tune_settings(start: PriorInit, cfg: TrainPriorConfig, given: Mapping[s
                               "model and objective come from there: drop the setting")
     fixed.update({k: given[k] for k in tunable if k in given})
     return dataclasses.replace(cfg, prior=start.kind, **fixed)
+
+
+def _recorded_gelu(checkpoint: Path) -> str:
+    meta = read_metadata(checkpoint, "prior-checkpoint")
+    return model_config_from_record(meta.config.get("model"), f"{checkpoint} model config").gelu
 
 
 def _recorded_auto(checkpoint: Path) -> dict[str, Any] | None:
@@ -720,6 +722,9 @@ def train_prior(
             raise VqtoolError(f"--init {start_from.path} is also the output; write the fine-tuned prior elsewhere "
                               "(--out) so the init artifact stays")
         cfg = fine_tune_settings(start_from, cfg, given)
+    if resume and start_from is None and "gelu" not in given and checkpoint.exists():
+        # The default changed (exact since 2026-12): a run resumes with the activation it was trained with.
+        cfg = dataclasses.replace(cfg, gelu=_recorded_gelu(checkpoint))
     auto = _recorded_auto(checkpoint) if resume else None
     if auto is not None:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in auto["values"].items() if k not in given})

@@ -37,7 +37,10 @@ class TransformerConfig:
     causal: bool = False
     n_classes: int = 0  # > 0: class-conditional through a prefix token
     pos_emb: str = "2d"  # "2d" (row + column embeddings) or "flat" (learned 1-D, as both papers' code)
-    gelu: str = "tanh"  # "tanh" approximation, or "exact" (erf) as both papers' transformers use
+    # "exact" (erf), as both papers' transformers; "tanh", the approximation vqtool used before 2026-12 (a
+    # record without the setting: vqtool.prior.store.model_config_from_record). On CPU torch's tanh GELU
+    # costs 3-7x the exact one (docs/performance.md); on a GPU both are one fused pass.
+    gelu: str = "exact"
 
     @property
     def n_tokens(self) -> int:
