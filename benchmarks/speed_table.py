@@ -1,12 +1,18 @@
 """The speed table of issue 16: vqtool against the papers' code paths, alternating in one run.
 
-Rows (each a few paths timed in turn, round after round, so a change of the machine's load hits
-them alike; medians over the rounds):
+Every path runs in a process of its own, set up as its users' would be: the papers' paths as their
+scripts run (glibc's malloc as it comes), vqtool's as the `vqtool` command sets itself up
+(vqtool.memory keeps freed memory in the heap). The parent sends each process in turn the word to make
+`--calls` calls, round after round, and times the matmul peak itself after each, so a change of the
+machine's load hits all paths alike and the paths' processes run nothing but their own work.
+
+Rows (medians over the rounds):
   prior-train  absorbing prior train step, `bench` config (8×256, 16×16 tokens, 1024 codes, batch 16):
                the official code's loss (full logits, masked CE) and default AdamW
                (prior_throughput.ReferenceStep) on the official code's transformer
                (reference_transformer.PapersTransformer: separate q/k/v layers, explicit attention),
-               then the same step on vqtool's transformer, against `PriorTrainTask.train_step`
+               then the same step on vqtool's transformer, against `PriorTrainTask.train_step`, and the
+               official step once more in a process set up as vqtool's (what the setup alone is worth)
   sampling     absorbing sampling, 16 images × 50 steps, random weights: the paper's sampler (full
                forward, draw everywhere; prior_sampling.reference_sample) on the papers' transformer and
                on vqtool's, against `sample_tokens`: fp32 (with its Linear layers through oneDNN, and
@@ -24,6 +30,7 @@ own FLOP rate over that peak, in wall-clock time and in CPU time, each against t
 time leaves out the time spent waiting for a core other jobs hold: the steadier number on a shared machine).
 
     python benchmarks/speed_table.py --threads 1                       # every row (≈ 30 min, 2 busy cores)
+    python benchmarks/speed_table.py --rows prior-train vqgan encode --rounds 4 --calls 10 --warm-up 10
     python benchmarks/speed_table.py --rows vqgan encode --rounds 7 --compile
     python benchmarks/speed_table.py --rows vqgan --sections           # where a VQGAN step's time goes
     python benchmarks/speed_table.py --rows sampling --sections        # and a sampling step's
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -64,12 +72,19 @@ ROWS = ("prior-train", "sampling", "vqgan", "encode")
 
 
 class Timed:
-    """One timed path of a row: a call, its FLOPs and how many images (or steps) one call makes."""
+    """One timed path of a row: a call, its FLOPs and how many images (or steps) one call makes.
 
-    def __init__(self, label: str, call: Callable[[], object], flops: float | None, per_call: float,
-                 warm_up: bool = True):
+    `process` is the process it runs in, set up as its users' would be: "papers" as the papers' scripts
+    run (nothing changed), "vqtool" as the `vqtool` command sets itself up (vqtool.memory: freed memory
+    stays in the heap). Process-wide settings cannot be undone, so each kind has a process of its own.
+    """
+
+    def __init__(self, label: str, call: Callable[[], object] | None, flops: Callable[[], float] | float | None,
+                 per_call: float, warm_up: bool = True, process: str = "vqtool"):
+        # `flops` may be a function that counts them (running the call once): only the path's own process does.
         self.label, self.call, self.flops, self.per_call = label, call, flops, per_call
         self.warm_up = warm_up  # a first call before the rounds (compilation, allocations); minutes for sampling
+        self.process = process
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.peak: list[tuple[float, float]] = []  # matmul GFLOP/s (wall, CPU) right after each round of it
@@ -92,18 +107,69 @@ def count_flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def time_rounds(paths: list[Timed], rounds: int) -> None:
-    for p in paths:
+def time_calls(p: Timed, calls: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per call, over `calls` calls of the path in a row."""
+    clock = Clock()
+    for _ in range(calls):
+        p.call()
+    return tuple(t / calls for t in clock.read())
+
+
+def path_worker(conn, row: str, args: argparse.Namespace, index: int) -> None:
+    """The process of path `index` of the row, set up as its users' is (Timed.process): counts its FLOPs,
+    warms it up, then times one call each time the parent sends True, until it sends False. The other
+    paths' processes wait meanwhile."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="speed-table-") as tmp:
+        paths = build_row(row, args, Path(tmp))[2]
+        p = paths[index]
+        if p.process == "vqtool":
+            from vqtool.memory import keep_freed_memory
+
+            keep_freed_memory()
+        flops = p.flops() if callable(p.flops) else p.flops
+        clock = Clock()
         if p.warm_up:
-            p.call()
-    for _ in range(rounds):
-        for p in paths:
-            clock = Clock()
-            p.call()
-            wall, cpu = clock.read()
+            for _ in range(args.warm_up):
+                p.call()
+        conn.send((len(paths), p.label, flops, p.per_call, p.process, clock.read()[0] if p.warm_up else None))
+        while conn.recv():
+            conn.send(time_calls(p, args.calls))
+
+
+def time_row(row: str, args: argparse.Namespace) -> list[Timed]:
+    """The row's paths timed round after round, each in a process of its own, one at a time; after each call
+    this process measures the matmul peak, so the paths' processes run nothing but their own work."""
+    ctx = multiprocessing.get_context("spawn")
+    workers: list = []
+    paths: list[Timed] = []
+
+    def start(index: int):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=path_worker, args=(child, row, args, index), daemon=True)
+        proc.start()
+        workers.append((parent, proc))
+        count, label, flops, per_call, process, warm = parent.recv()  # one process starts at a time
+        paths.append(Timed(label, None, flops, per_call, process=process))
+        if warm is not None and warm > 10:
+            print(f"   ({label}: its warm-up took {warm:.0f} s)", flush=True)
+        return count
+
+    count = start(0)
+    for index in range(1, count):
+        start(index)
+    for _ in range(args.rounds):
+        for p, (conn, _) in zip(paths, workers, strict=True):
+            conn.send(True)
+            wall, cpu = conn.recv()
             p.wall.append(wall)
             p.cpu.append(cpu)
             p.peak.append(tuple(20 / t for t in matmul_seconds(20)))
+    for conn, proc in workers:
+        conn.send(False)
+        proc.join()
+    return paths
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,12 +187,15 @@ def prior_train_paths(seed: int) -> list[Timed]:
     task = PriorTrainTask(TrainPriorConfig(**base), latents, "0" * 64, Path("unused"), torch.device("cpu"))
     torch.manual_seed(seed)
     tokens = latents.splits["train"].tokens
-    ref = ReferenceStep(PapersTransformer.from_vqtool(Transformer(task.model_cfg)), tokens, 16, 256, seed)
+    papers = PapersTransformer.from_vqtool(Transformer(task.model_cfg))
+    ref, ref_here = (ReferenceStep(copy.deepcopy(papers), tokens, 16, 256, seed) for _ in range(2))
     torch.manual_seed(seed)
     ref_loss = ReferenceStep(Transformer(task.model_cfg), tokens, 16, 256, seed)
-    return [Timed("official code", ref, count_flops(ref), 1),
-            Timed("its loss, vqtool's model", ref_loss, count_flops(ref_loss), 1),
-            Timed("vqtool", task.train_step, count_flops(task.train_step), 1)]
+    return [Timed("official code", ref, lambda: count_flops(ref), 1, process="papers"),
+            Timed("its loss, vqtool's model", ref_loss, lambda: count_flops(ref_loss), 1, process="papers"),
+            Timed("vqtool", task.train_step, lambda: count_flops(task.train_step), 1),
+            # The papers' step with vqtool's process settings: what they alone are worth to it.
+            Timed("official code in vqtool's process", ref_here, lambda: count_flops(ref_here), 1)]
 
 
 def sampling_paths(seed: int, n: int, steps: int, compile: bool = False) -> list[Timed]:
@@ -152,25 +221,22 @@ def sampling_paths(seed: int, n: int, steps: int, compile: bool = False) -> list
         with mock.patch.dict(os.environ, {onednn.SWITCH: "0"}):
             return vqtool(k)
 
-    # FLOPs grow linearly with the batch: counted on 2 images, scaled to n.
-    scale = n / 2
-    # Counting runs each sampler once on 2 images, which also warms it up.
-    paths = [Timed("official code", reference, count_flops(lambda: reference(2)) * scale, n, warm_up=False),
-             Timed("its sampler, vqtool's model", reference_on_ours, count_flops(lambda: reference_on_ours(2)) * scale,
-                   n, warm_up=False),
-             Timed("vqtool fp32", vqtool, count_flops(lambda: vqtool(2)) * scale, n, warm_up=False),
-             Timed("vqtool fp32, BLAS linears", vqtool_blas, count_flops(lambda: vqtool_blas(2)) * scale, n,
-                   warm_up=False),
+    def counted(sampler: Callable[[int], object]) -> Callable[[], float]:
+        # FLOPs grow linearly with the batch: counted on 2 images, scaled to n. Counting runs the sampler
+        # once, which also warms it up.
+        return lambda: count_flops(lambda: sampler(2)) * n / 2
+
+    paths = [Timed("official code", reference, counted(reference), n, warm_up=False, process="papers"),
+             Timed("its sampler, vqtool's model", reference_on_ours, counted(reference_on_ours), n, warm_up=False,
+                   process="papers"),
+             Timed("vqtool fp32", vqtool, counted(vqtool), n, warm_up=False),
+             Timed("vqtool fp32, BLAS linears", vqtool_blas, counted(vqtool_blas), n, warm_up=False),
              Timed("vqtool int8", lambda: sample_tokens(LoadedPrior(int8, "absorbing", {}, None), n, settings),
                    None, n, warm_up=False)]
     if compile:
-        # Every sample_tokens call compiles anew (from inductor's cache after the first): its time is part of
-        # the path's, as a `vqtool sample --compile` run pays it once.
-        clock = Clock()
-        vqtool(n, compiled=True)
-        print(f"   (the first compiled sampling run took {clock.read()[0]:.0f} s, compiling included)", flush=True)
-        paths.append(Timed("vqtool fp32 --compile", lambda: vqtool(n, compiled=True), paths[2].flops, n,
-                           warm_up=False))
+        # Every sample_tokens call compiles anew (from inductor's cache after the warm-up's): its time is part
+        # of the path's, as a `vqtool sample --compile` run pays it once.
+        paths.append(Timed("vqtool fp32 --compile", lambda: vqtool(n, compiled=True), paths[2].flops, n))
     return paths
 
 
@@ -202,8 +268,8 @@ def vqgan_paths(work: Path, seed: int) -> list[Timed]:
     batches = itertools.cycle([torch.rand(16, 3, 32, 32) * 2 - 1 for _ in range(4)])
     ref = TamingStep(taming_model(), NLayerDisc(64, 3), batches)
     task = vqgan_trainer(work)
-    return [Timed("official code", ref, count_flops(ref), 1),
-            Timed("vqtool", task.train_step, count_flops(task.train_step), 1)]
+    return [Timed("official code", ref, lambda: count_flops(ref), 1, process="papers"),
+            Timed("vqtool", task.train_step, lambda: count_flops(task.train_step), 1)]
 
 
 def encode_paths(seed: int, batch: int, compile: bool) -> list[Timed]:
@@ -227,14 +293,11 @@ def encode_paths(seed: int, batch: int, compile: bool) -> list[Timed]:
         return model.encode_to_tokens(x)  # vqtool's encode before issue 16: NCHW, no_grad
 
     eager = TokenEncoder(copy.deepcopy(model), torch.device("cpu"), "fp32")
-    paths = [Timed("official code", reference, count_flops(reference), batch),
-             Timed("vqtool before", before, count_flops(before), batch),
-             Timed("vqtool", lambda: eager(x), count_flops(lambda: eager(x)), batch)]
+    paths = [Timed("official code", reference, lambda: count_flops(reference), batch, process="papers"),
+             Timed("vqtool before", before, lambda: count_flops(before), batch),
+             Timed("vqtool", lambda: eager(x), lambda: count_flops(lambda: eager(x)), batch)]
     if compile:
         compiled = TokenEncoder(copy.deepcopy(model), torch.device("cpu"), "fp32", compile=True)
-        clock = Clock()
-        compiled(x)
-        print(f"   (compiling the encoder took {clock.read()[0]:.0f} s)", flush=True)
         paths.append(Timed("vqtool --compile", lambda: compiled(x), paths[2].flops, batch))
     return paths
 
@@ -419,10 +482,33 @@ def sampling_sections(seed: int, n: int, steps: int, rounds: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def build_row(name: str, args: argparse.Namespace, work: Path,
+              describe_only: bool = False) -> tuple[str, str, list[Timed]]:
+    """(title, unit, paths) of row `name`; `describe_only` leaves the paths out (built in the workers)."""
+    rows = {
+        "prior-train": ("absorbing prior train step, `bench` config, batch 16",
+                        lambda: prior_train_paths(args.seed), "s/step"),
+        "sampling": (f"absorbing sampling, {args.samples} images × {args.sample_steps} steps",
+                     lambda: sampling_paths(args.seed, args.samples, args.sample_steps, args.compile), "s"),
+        "vqgan": ("VQGAN generator + discriminator step, cifar10-32, 3-layer disc, batch 16",
+                  lambda: vqgan_paths(work, args.seed), "s/step"),
+        "encode": (f"encode, cifar10-32 VQ, batch {args.encode_batch}",
+                   lambda: encode_paths(args.seed, args.encode_batch, args.compile), "images/s"),
+    }
+    title, build, unit = rows[name]
+    return title, unit, [] if describe_only else build()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per row (medians reported)")
+    ap.add_argument("--calls", type=int, default=1,
+                    help="calls of a path in a row per round (timed per call): longer runs of one process, as a "
+                         "training run is")
+    ap.add_argument("--warm-up", type=int, default=1,
+                    help="calls of each training or encoding path before the rounds (glibc's malloc settles its "
+                         "thresholds over the first ten or twenty steps of the papers' prior)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--sample-steps", type=int, default=50)
@@ -441,21 +527,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="speed-table-") as tmp:
         work = Path(tmp)
-        builders = {
-            "prior-train": ("absorbing prior train step, `bench` config, batch 16",
-                            lambda: prior_train_paths(args.seed), "s/step"),
-            "sampling": (f"absorbing sampling, {args.samples} images × {args.sample_steps} steps",
-                         lambda: sampling_paths(args.seed, args.samples, args.sample_steps, args.compile), "s"),
-            "vqgan": ("VQGAN generator + discriminator step, cifar10-32, 3-layer disc, batch 16",
-                      lambda: vqgan_paths(work, args.seed), "s/step"),
-            "encode": (f"encode, cifar10-32 VQ, batch {args.encode_batch}",
-                       lambda: encode_paths(args.seed, args.encode_batch, args.compile), "images/s"),
-        }
         for name in args.rows:
-            title, build, unit = builders[name]
+            title, unit, _ = build_row(name, args, work, describe_only=True)
             print(f"\n== {title}", flush=True)
-            paths = build()
-            time_rounds(paths, args.rounds)
+            paths = time_row(name, args)
             for p in paths:
                 peaks = " / ".join(f"{w:.0f}" for w, _ in p.peak)
                 print(f"   {p.label:18s} wall {' / '.join(f'{t:.3g}' for t in p.wall)} s, CPU "
@@ -466,7 +541,8 @@ def main() -> None:
         if args.sections and "sampling" in args.rows:
             sampling_sections(args.seed, args.samples, args.sample_steps, max(args.rounds, 5))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nload average {load:.1f} at the end; medians of {args.rounds} alternating rounds\n")
+    print(f"\nload average {load:.1f} at the end; medians of {args.rounds} alternating rounds of {args.calls} call(s) "
+          f"per path, each path in a process of its own, after {args.warm_up} warm-up call(s)\n")
     print("| work | path | wall / CPU time | ratio (wall) | ratio (CPU time) | % of fp32 matmul peak (wall / CPU) |")
     print("|---|---|---|---|---|---|")
     for title, unit, paths in rows:
