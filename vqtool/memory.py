@@ -4,8 +4,8 @@ torch allocates its CPU tensors through the C library's malloc. With glibc's def
 than a few hundred KiB is mapped from the OS for the tensor and unmapped when it is freed, and freed
 memory at the top of the heap is returned as well; the next training step then asks for the same
 sizes again, and the kernel zero-fills every 4 KiB page of them on first touch. On the `bench` prior
-(batch 16, 256 tokens) that was 25,000–50,000 page faults and 0.1–0.2 s of system time per step,
-a tenth of the step (docs/performance.md, "Memory the OS takes back").
+(batch 16, 256 tokens) that was 15,000–52,000 page faults and up to 0.19 s of system time per
+step, a tenth of it (docs/performance.md, "Memory the OS takes back").
 
 `keep_freed_memory()` turns both off (malloc's M_MMAP_MAX = 0 and a 2 GiB M_TRIM_THRESHOLD): every
 block comes from the heap and a freed one waits there for the next tensor of its size. The process

@@ -80,7 +80,7 @@ class TrainPriorConfig(LoopSettings):
     n_embd: int = 256
     dropout: float = 0.0
     pos_emb: str = "2d"  # 2d | flat
-    gelu: str = "exact"  # exact | tanh (the approximation; 3-7x slower on CPU, as fast on a GPU)
+    gelu: str = "exact"  # exact | tanh (the approximation; 2.6-7x slower on CPU, as fast on a GPU)
     class_conditional: bool = True  # use the latents' labels when they have them
     cond_drop: float = 0.1  # class-conditional: chance a training label becomes NO_CLASS (for guidance; 0: off)
     # objective (absorbing prior only)

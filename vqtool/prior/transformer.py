@@ -39,7 +39,7 @@ class TransformerConfig:
     pos_emb: str = "2d"  # "2d" (row + column embeddings) or "flat" (learned 1-D, as both papers' code)
     # "exact" (erf), as both papers' transformers; "tanh", the approximation vqtool used before 2026-12 (a
     # record without the setting: vqtool.prior.store.model_config_from_record). On CPU torch's tanh GELU
-    # costs 3-7x the exact one (docs/performance.md); on a GPU both are one fused pass.
+    # costs 2.6-7x the exact one (docs/performance.md); on a GPU both are one fused pass.
     gelu: str = "exact"
 
     @property
