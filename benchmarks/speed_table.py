@@ -45,6 +45,7 @@ import multiprocessing
 import os
 import statistics
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
@@ -121,21 +122,32 @@ def path_worker(conn, row: str, args: argparse.Namespace, index: int) -> None:
     paths' processes wait meanwhile."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="speed-table-") as tmp:
-        paths = build_row(row, args, Path(tmp))[2]
-        p = paths[index]
-        if p.process == "vqtool":
-            from vqtool.memory import keep_freed_memory
+    try:
+        with tempfile.TemporaryDirectory(prefix="speed-table-") as tmp:
+            paths = build_row(row, args, Path(tmp))[2]
+            p = paths[index]
+            if p.process == "vqtool":
+                from vqtool.memory import keep_freed_memory
 
-            keep_freed_memory()
-        flops = p.flops() if callable(p.flops) else p.flops
-        clock = Clock()
-        if p.warm_up:
-            for _ in range(args.warm_up):
-                p.call()
-        conn.send((len(paths), p.label, flops, p.per_call, p.process, clock.read()[0] if p.warm_up else None))
-        while conn.recv():
-            conn.send(time_calls(p, args.calls))
+                keep_freed_memory()  # before the path's first call, which makes its working set
+            flops = p.flops() if callable(p.flops) else p.flops
+            clock = Clock()
+            if p.warm_up:
+                for _ in range(args.warm_up):
+                    p.call()
+            conn.send((len(paths), p.label, flops, p.per_call, p.process, clock.read()[0] if p.warm_up else None))
+            while conn.recv():
+                conn.send(time_calls(p, args.calls))
+    except Exception:
+        conn.send(RuntimeError(f"path {index} of row {row}:\n{traceback.format_exc()}"))
+
+
+def _answer(conn):
+    """The worker's next message; its error, raised here, if it failed."""
+    message = conn.recv()
+    if isinstance(message, Exception):
+        raise message
+    return message
 
 
 def time_row(row: str, args: argparse.Namespace) -> list[Timed]:
@@ -149,8 +161,9 @@ def time_row(row: str, args: argparse.Namespace) -> list[Timed]:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=path_worker, args=(child, row, args, index), daemon=True)
         proc.start()
+        child.close()  # the worker's end: if it dies, recv() here raises EOFError instead of waiting
         workers.append((parent, proc))
-        count, label, flops, per_call, process, warm = parent.recv()  # one process starts at a time
+        count, label, flops, per_call, process, warm = _answer(parent)  # one process starts at a time
         paths.append(Timed(label, None, flops, per_call, process=process))
         if warm is not None and warm > 10:
             print(f"   ({label}: its warm-up took {warm:.0f} s)", flush=True)
@@ -162,7 +175,7 @@ def time_row(row: str, args: argparse.Namespace) -> list[Timed]:
     for _ in range(args.rounds):
         for p, (conn, _) in zip(paths, workers, strict=True):
             conn.send(True)
-            wall, cpu = conn.recv()
+            wall, cpu = _answer(conn)
             p.wall.append(wall)
             p.cpu.append(cpu)
             p.peak.append(tuple(20 / t for t in matmul_seconds(20)))

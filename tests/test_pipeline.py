@@ -170,6 +170,21 @@ def test_changed_setting_reruns_that_stage_and_downstream(quick, tmp_path):
     assert read_metadata(run / "samples" / "samples.safetensors").config["temperature"] == 0.5
 
 
+def test_a_run_folder_from_before_the_gelu_setting_keeps_its_prior(tmp_path, no_weights):
+    run = tmp_path / "run"
+    quickstart(run, [*TINY, "prior.gelu=tanh"], PipelineOptions(**OPTIONS))
+    # The record as the pipeline wrote it before the setting existed: no gelu in the prior's settings.
+    ledger = json.loads((run / "pipeline.json").read_text())
+    del ledger["stages"]["train-prior"]["settings"]["gelu"]
+    (run / "pipeline.json").write_text(json.dumps(ledger))
+    result = quickstart(run, TINY, PipelineOptions(**OPTIONS))
+    assert [r.status for r in result.stages] == ["up to date"] * len(STAGES)
+    # Naming the new default in the recipe trains the prior again, with it.
+    dry = quickstart(run, [*TINY, "prior.gelu=exact"], PipelineOptions(**OPTIONS, dry_run=True))
+    prior = next(r for r in dry.stages if r.stage == "train-prior")
+    assert prior.status == "would run" and prior.why == "settings changed: gelu"
+
+
 def test_changed_input_reruns_downstream(quick, tmp_path):
     run = _copy(quick[0], tmp_path)
     result = quickstart(run, [*TINY, "train_vq.lr=0.0003"], PipelineOptions(**OPTIONS))

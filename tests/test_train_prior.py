@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vqtool.artifacts import file_sha256, load_artifact, read_metadata
+from vqtool.artifacts import file_sha256, load_artifact, read_metadata, save_artifact
 from vqtool.errors import VqtoolError
 from vqtool.latents import Latents, Split, save_latents
 from vqtool.prior.store import model_config_from_record
@@ -232,6 +232,21 @@ def test_gelu_is_exact_by_default_and_a_run_resumes_with_its_own(tmp_path):
     chosen = {**dataclasses.asdict(small(max_steps=9)), "gelu": "exact"}
     with pytest.raises(VqtoolError, match="differ from the checkpoint: model"):
         train_prior(latents, chosen, **b, resume=True)
+
+
+def test_a_checkpoint_from_before_the_gelu_setting_resumes_as_tanh(tmp_path):
+    latents = make_latents(tmp_path / "latents.safetensors")
+    a, b = run_paths(tmp_path / "a"), run_paths(tmp_path / "b")
+    train_prior(latents, small(gelu="tanh", max_steps=6), **a)
+    train_prior(latents, small(gelu="tanh", max_steps=3), **b)
+    # The checkpoint as vqtool wrote it before the setting existed: its model record has no gelu.
+    old = load_artifact(b["checkpoint"])
+    config = {**old.config, "model": {k: v for k, v in old.config["model"].items() if k != "gelu"}}
+    save_artifact(b["checkpoint"], "prior-checkpoint", old.tensors, config, old.parents,
+                  {k: v for k, v in old.extra.items() if not k.startswith("_")})
+    train_prior(latents, small(max_steps=6), **b, resume=True)
+    assert load_artifact(b["out"]).config["model"]["gelu"] == "tanh"
+    assert strip_time(records(a["log"], "train")) == strip_time(records(b["log"], "train"))
 
 
 def test_refuses_existing_outputs_and_changed_latents(tmp_path):

@@ -113,6 +113,8 @@ class TrainTask(Protocol):
     #   def rank_state_dict(self) -> dict[str, Any]: ...
     #   def load_rank_state_dict(self, state: dict[str, Any] | None) -> None: ...
     # `state` is None for a rank the checkpoint did not have (resumed with more processes): re-derive it.
+    # Optional, for settings added to the resume key since older checkpoints were written:
+    #   def recorded_key(self, key: dict[str, Any]) -> dict[str, Any]: ...  # the key in today's terms
 
 
 @dataclass
@@ -209,8 +211,9 @@ def load_checkpoint(task: TrainTask, path: Path, proc: ProcessInfo | None = None
         raise VqtoolError(f"--resume: no checkpoint at {path}; start without --resume")
     art = load_artifact(path, task.checkpoint_kind)
     now = json.loads(json.dumps(task.resume_key()))
-    if art.config != now:
-        changed = sorted(k for k in set(art.config) | set(now) if art.config.get(k) != now.get(k))
+    recorded = task.recorded_key(art.config) if hasattr(task, "recorded_key") else art.config
+    if recorded != now:
+        changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
         raise VqtoolError(
             f"{path}: cannot resume, these settings differ from the checkpoint: {', '.join(changed)}"
         )

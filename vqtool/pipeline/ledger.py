@@ -28,6 +28,15 @@ def _forget_amp(stages: dict[str, Any]) -> None:
         train_vq.pop("amp", None)
 
 
+def _legacy_gelu(stages: dict[str, Any]) -> None:
+    # The prior's GELU became a setting (exact by default) after records that have none: theirs ran tanh
+    # (vqtool.prior.store.LEGACY_GELU; not imported, which would load torch for every ledger read).
+    entry = stages.get("train-prior")
+    settings = entry.get("settings") if isinstance(entry, dict) else None
+    if isinstance(settings, dict):
+        settings.setdefault("gelu", "tanh")
+
+
 class Ledger:
     def __init__(self, path: Path):
         self.path = path
@@ -37,6 +46,7 @@ class Ledger:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 self.stages = dict(data["stages"])
                 _forget_amp(self.stages)
+                _legacy_gelu(self.stages)
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                 raise VqtoolError(f"{path}: corrupt pipeline record; delete it and rerun with --overwrite") from None
 

@@ -88,16 +88,20 @@ def plan_encode(ctx: Context) -> Step:
 
 
 def plan_train_prior(ctx: Context) -> Step:
-    from vqtool.prior.train import STAGE, TrainPriorConfig, check_config, train_prior
+    from vqtool.prior.train import STAGE, TrainPriorConfig, check_config, recorded_gelu, train_prior
 
-    cfg = merge(TrainPriorConfig, {"seed": ctx.seed}, ctx.section("prior"), ctx.section("train_prior"),
-                where="train_prior")
+    sections = (ctx.section("prior"), ctx.section("train_prior"))
+    cfg = merge(TrainPriorConfig, {"seed": ctx.seed}, *sections, where="train_prior")
     cfg.device = ctx.device
     cfg.precision = ctx.precision
     cfg.threads = ctx.threads or None
+    checkpoint = ctx.paths.checkpoint(STAGE)
+    if not any("gelu" in (s or {}) for s in sections):
+        # The default changed: a run folder's prior keeps the activation it was trained with until the
+        # recipe names one, so a rerun skips or resumes it instead of training it again.
+        cfg.gelu = recorded_gelu((ctx.paths.prior, "prior-model"), (checkpoint, "prior-checkpoint")) or cfg.gelu
     check_config(cfg)
     recorded = without(to_dict(cfg), "device", "precision", "threads", "tensorboard")
-    checkpoint = ctx.paths.checkpoint(STAGE)
 
     def run(resume: bool) -> Outcome:
         r = train_prior(ctx.paths.latents, cfg, ctx.paths.prior, checkpoint, ctx.paths.log(STAGE), resume=resume,

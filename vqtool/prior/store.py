@@ -21,6 +21,7 @@ from vqtool.errors import VqtoolError
 from vqtool.prior.transformer import Transformer, TransformerConfig
 
 PRIOR_KINDS = ("absorbing", "autoregressive")
+LEGACY_GELU = "tanh"  # the GELU of records made before it was a setting: vqtool's only one then
 
 
 @dataclass
@@ -60,11 +61,10 @@ def save_prior(
 
 
 def model_config_from_record(data: Any, where: str) -> TransformerConfig:
-    """The TransformerConfig an artifact's `model` record describes. Records made before the GELU was a
-    setting ran the tanh approximation, vqtool's only one then."""
+    """The TransformerConfig an artifact's `model` record describes (LEGACY_GELU where it has none)."""
     if not isinstance(data, dict) or "grid" not in data:
         raise VqtoolError(f"{where}: missing or incomplete")
-    return from_dict(TransformerConfig, {"gelu": "tanh", **data, "grid": tuple(data["grid"])}, where=where)
+    return from_dict(TransformerConfig, {"gelu": LEGACY_GELU, **data, "grid": tuple(data["grid"])}, where=where)
 
 
 def load_prior(path: Path, device: torch.device | str = "cpu", weights: str = "ema") -> LoadedPrior:

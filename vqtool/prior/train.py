@@ -64,7 +64,7 @@ from vqtool.latents import Latents, load_latents
 from vqtool.precision import PRECISIONS, autocast, grad_scaler, resolve_precision, switch_note
 from vqtool.prior.defaults import auto_record
 from vqtool.prior.objectives import make_objective
-from vqtool.prior.store import PRIOR_KINDS, model_config_from_record, save_prior
+from vqtool.prior.store import LEGACY_GELU, PRIOR_KINDS, model_config_from_record, save_prior
 from vqtool.prior.transformer import NO_CLASS, Transformer, TransformerConfig
 from vqtool.training import EMA, LoopSettings, read_scalars, run_loop, seed_global_rng
 
@@ -540,6 +540,13 @@ class PriorTrainTask:
             key["auto"] = self.auto
         return key
 
+    def recorded_key(self, key: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's resume key in today's terms: one made before the GELU was a setting ran tanh."""
+        model = key.get("model")
+        if isinstance(model, dict) and "gelu" not in model:
+            return {**key, "model": {**model, "gelu": LEGACY_GELU}}
+        return key
+
     def output_paths(self) -> list[Path]:
         return [self.out]
 
@@ -657,9 +664,13 @@ def fine_tune_settings(start: PriorInit, cfg: TrainPriorConfig, given: Mapping[s
     return dataclasses.replace(cfg, prior=start.kind, **fixed)
 
 
-def _recorded_gelu(checkpoint: Path) -> str:
-    meta = read_metadata(checkpoint, "prior-checkpoint")
-    return model_config_from_record(meta.config.get("model"), f"{checkpoint} model config").gelu
+def recorded_gelu(*artifacts: tuple[Path, str]) -> str | None:
+    """The GELU of the first of these (path, kind) artifacts that exists: a prior or a checkpoint."""
+    for path, kind in artifacts:
+        if Path(path).exists():
+            meta = read_metadata(path, kind)
+            return model_config_from_record(meta.config.get("model"), f"{path} model config").gelu
+    return None
 
 
 def _recorded_auto(checkpoint: Path) -> dict[str, Any] | None:
@@ -712,7 +723,9 @@ def train_prior(
 
     `auto_defaults` (the train-prior command's choice) fills the size and optimisation settings not chosen
     from the latents and the device (vqtool.prior.defaults) on a fresh start without `init`. A resume takes
-    them from the checkpoint's record instead, whoever calls and on whatever machine.
+    them from the checkpoint's record instead, whoever calls and on whatever machine. So does a resume
+    with `gelu` unchosen (a TrainPriorConfig with the default "exact" counts as unchosen): the run goes
+    on with the activation it was trained with.
     """
     cfg, given = chosen_settings(TrainPriorConfig, cfg, "train_prior")
     latents_path, out, checkpoint = Path(latents_path), Path(out), Path(checkpoint)
@@ -724,7 +737,7 @@ def train_prior(
         cfg = fine_tune_settings(start_from, cfg, given)
     if resume and start_from is None and "gelu" not in given and checkpoint.exists():
         # The default changed (exact since 2026-12): a run resumes with the activation it was trained with.
-        cfg = dataclasses.replace(cfg, gelu=_recorded_gelu(checkpoint))
+        cfg = dataclasses.replace(cfg, gelu=recorded_gelu((checkpoint, "prior-checkpoint")))
     auto = _recorded_auto(checkpoint) if resume else None
     if auto is not None:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in auto["values"].items() if k not in given})
