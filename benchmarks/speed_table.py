@@ -77,7 +77,7 @@ class Timed:
 
     `process` is the process it runs in, set up as its users' would be: "papers" as the papers' scripts
     run (nothing changed), "vqtool" as the `vqtool` command sets itself up (vqtool.memory: freed memory
-    stays in the heap). Process-wide settings cannot be undone, so each kind has a process of its own.
+    stays in the heap). Process-wide settings cannot be undone, so each path has a process of its own.
     """
 
     def __init__(self, label: str, call: Callable[[], object] | None, flops: Callable[[], float] | float | None,
@@ -118,8 +118,8 @@ def time_calls(p: Timed, calls: int) -> tuple[float, float]:
 
 def path_worker(conn, row: str, args: argparse.Namespace, index: int) -> None:
     """The process of path `index` of the row, set up as its users' is (Timed.process): counts its FLOPs,
-    warms it up, then times one call each time the parent sends True, until it sends False. The other
-    paths' processes wait meanwhile."""
+    warms it up, then times `--calls` calls each time the parent sends True, until it sends False. The
+    other paths' processes wait meanwhile."""
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -520,8 +520,8 @@ def main() -> None:
                     help="calls of a path in a row per round (timed per call): longer runs of one process, as a "
                          "training run is")
     ap.add_argument("--warm-up", type=int, default=1,
-                    help="calls of each training or encoding path before the rounds (glibc's malloc settles its "
-                         "thresholds over the first ten or twenty steps of the papers' prior)")
+                    help="calls of each path that warms up (training, encoding, compiled sampling) before the "
+                         "rounds (glibc's malloc settles over the first ten or twenty steps of the papers' prior)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--sample-steps", type=int, default=50)

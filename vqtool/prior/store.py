@@ -60,11 +60,16 @@ def save_prior(
     return save_artifact(path, "prior-model", tensors, config=config, parents=parents, extra=extra)
 
 
+def with_legacy_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """A `model` record in today's terms: settings added since it was written, at the value they had."""
+    return {"gelu": LEGACY_GELU, **record}
+
+
 def model_config_from_record(data: Any, where: str) -> TransformerConfig:
-    """The TransformerConfig an artifact's `model` record describes (LEGACY_GELU where it has none)."""
+    """The TransformerConfig an artifact's `model` record describes."""
     if not isinstance(data, dict) or "grid" not in data:
         raise VqtoolError(f"{where}: missing or incomplete")
-    return from_dict(TransformerConfig, {"gelu": LEGACY_GELU, **data, "grid": tuple(data["grid"])}, where=where)
+    return from_dict(TransformerConfig, {**with_legacy_settings(data), "grid": tuple(data["grid"])}, where=where)
 
 
 def load_prior(path: Path, device: torch.device | str = "cpu", weights: str = "ema") -> LoadedPrior:

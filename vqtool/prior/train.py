@@ -64,7 +64,7 @@ from vqtool.latents import Latents, load_latents
 from vqtool.precision import PRECISIONS, autocast, grad_scaler, resolve_precision, switch_note
 from vqtool.prior.defaults import auto_record
 from vqtool.prior.objectives import make_objective
-from vqtool.prior.store import LEGACY_GELU, PRIOR_KINDS, model_config_from_record, save_prior
+from vqtool.prior.store import PRIOR_KINDS, model_config_from_record, save_prior, with_legacy_settings
 from vqtool.prior.transformer import NO_CLASS, Transformer, TransformerConfig
 from vqtool.training import EMA, LoopSettings, read_scalars, run_loop, seed_global_rng
 
@@ -541,11 +541,9 @@ class PriorTrainTask:
         return key
 
     def recorded_key(self, key: dict[str, Any]) -> dict[str, Any]:
-        """A checkpoint's resume key in today's terms: one made before the GELU was a setting ran tanh."""
+        """A checkpoint's resume key in today's terms (its model record: store.with_legacy_settings)."""
         model = key.get("model")
-        if isinstance(model, dict) and "gelu" not in model:
-            return {**key, "model": {**model, "gelu": LEGACY_GELU}}
-        return key
+        return {**key, "model": with_legacy_settings(model)} if isinstance(model, dict) else key
 
     def output_paths(self) -> list[Path]:
         return [self.out]
